@@ -1,0 +1,151 @@
+"""The two spatial attentions of Twins.
+
+- `LocallyGroupedAttention` (LSA): self-attention inside non-overlapping ws x ws windows.
+- `GlobalSubsampledAttention` (GSA): every token queries keys and values computed from the
+  token map sub-sampled by a strided convolution (plain global attention when sr_ratio is 1).
+
+Both use `F.scaled_dot_product_attention`, which picks the fused kernel the device has, and lay
+tensors out so that each attention costs exactly one gather copy in and one copy out. Parameter
+names (`qkv`, `q`, `kv`, `sr`, `norm`, `proj`) follow the official checkpoints.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import map_to_tokens, tokens_to_map
+
+Size = Tuple[int, int]
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    if dim % num_heads:
+        raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+    return dim // num_heads
+
+
+def _window_key_mask(size: Size, window: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Which keys of each window are real tokens rather than padding.
+
+    Returns:
+        (batch * windows, 1, 1, window * window) bool mask, True where the key is real.
+    """
+    H, W = size
+    hg, wg = -(-H // window), -(-W // window)
+    real = torch.zeros(hg * window, wg * window, dtype=torch.bool, device=device)
+    real[:H, :W] = True
+    # (hg * ws, wg * ws) -> (hg * wg, ws * ws): the key order inside each window.
+    real = real.view(hg, window, wg, window).transpose(1, 2).reshape(hg * wg, window * window)
+    return real.repeat(batch, 1).view(batch * hg * wg, 1, 1, window * window)
+
+
+class LocallyGroupedAttention(nn.Module):
+    """LSA: multi-head self-attention within non-overlapping windows.
+
+    Any H, W works: the q/k/v maps are padded at the bottom/right to whole windows, padded keys
+    are masked out of the softmax, and padded queries are cropped away, so each real token
+    attends exactly to the real tokens of its window. (The official segmentation code meant to
+    do this but its mask is silently empty when only one side needs padding.)
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads; C must be divisible by it.
+        window_size: window side ws.
+        attn_drop: dropout on attention probabilities.
+        proj_drop: dropout after the output projection.
+    Shapes: (B, N, C), (H, W) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        ws, heads, hd = self.window_size, self.num_heads, self.head_dim
+        # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
+        qkv = self.qkv(x).view(B, H, W, 3 * C)
+        pad_h, pad_w = -H % ws, -W % ws
+        if pad_h or pad_w:
+            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+        hg, wg = (H + pad_h) // ws, (W + pad_w) // ws
+        # (B, hg*ws, wg*ws, 3C) -> (3, B*hg*wg, heads, ws*ws, hd): the single gather copy in.
+        qkv = qkv.view(B, hg, ws, wg, ws, 3, heads, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = qkv.reshape(3, B * hg * wg, heads, ws * ws, hd).unbind(0)
+        mask = _window_key_mask(size, ws, B, x.device) if pad_h or pad_w else None
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
+        # (B*hg*wg, heads, ws*ws, hd) -> (B, hg*ws, wg*ws, C): the single copy out.
+        out = out.view(B, hg, wg, heads, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, hg * ws, wg * ws, C)
+        if pad_h or pad_w:
+            out = out[:, :H, :W].reshape(B, N, C)
+        else:
+            out = out.view(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, window_size={self.window_size}"
+
+
+class GlobalSubsampledAttention(nn.Module):
+    """GSA: queries from every token, keys/values from a sub-sampled token map.
+
+    With sr_ratio > 1 the map is reduced by Conv2d(kernel = stride = sr_ratio) and LayerNorm
+    (eps 1e-5) before the kv projection; rows/columns that do not fill a whole sr x sr cell are
+    dropped by the convolution, as in the official models. With sr_ratio 1 it is full global
+    attention and has no `sr`/`norm` parameters.
+
+    Args:
+        dim: channels C.
+        num_heads: attention heads; C must be divisible by it.
+        sr_ratio: sub-sampling ratio of the key/value map.
+        attn_drop: dropout on attention probabilities.
+        proj_drop: dropout after the output projection.
+    Shapes: (B, N, C), (H, W) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr: Optional[nn.Conv2d] = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm: Optional[nn.LayerNorm] = nn.LayerNorm(dim)
+        else:
+            self.sr = None
+            self.norm = None
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        # (B, N, C) -> (B, heads, N, hd), a strided view that SDPA reads without a copy.
+        q = self.q(x).view(B, N, heads, hd).transpose(1, 2)
+        kv_src = x
+        if self.sr is not None:
+            kv_src = self.norm(map_to_tokens(self.sr(tokens_to_map(x, size))))  # (B, N', C)
+        # (B, N', 2C) -> (2, B, heads, N', hd)
+        k, v = self.kv(kv_src).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

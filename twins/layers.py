@@ -1,0 +1,128 @@
+"""Building blocks shared by every Twins model: patch embedding, MLP, positional encoding.
+
+Tokens travel between modules as a contiguous (B, N, C) tensor with N = H * W in row-major
+order. Viewing such a tensor as (B, H, W, C) and permuting it to (B, C, H, W) gives a
+channels-last image without a copy, which is the layout the CPU and cuDNN convolution kernels
+prefer; every convolution here is fed that view instead of a `.transpose().contiguous()` copy.
+
+Attribute names (`proj`, `norm`, `fc1`, `fc2`, `proj.0`) follow the official checkpoints.
+"""
+from typing import Tuple
+
+import torch
+from torch import nn
+
+Size = Tuple[int, int]
+
+
+def tokens_to_map(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """View tokens as an image, without copying.
+
+    Args:
+        x: (B, N, C) tokens, contiguous, N = H * W.
+        size: (H, W).
+    Returns:
+        (B, C, H, W) tensor in channels-last memory format (a view of x).
+    """
+    B, N, C = x.shape
+    H, W = size
+    return x.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), same memory
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H * W, C); free when x is channels-last, one copy otherwise."""
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU (exact erf) -> dropout -> Linear -> dropout.
+
+    Args:
+        dim: input and output channels C.
+        hidden_dim: hidden channels.
+        drop: dropout probability after the activation and after the second Linear.
+    Shapes: (..., C) -> (..., C).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding: Conv2d(kernel = stride = patch_size), then LayerNorm.
+
+    Pixels that do not fill a whole patch at the bottom or right are dropped, as in the official
+    models.
+
+    Args:
+        in_chans: input channels.
+        embed_dim: output channels C.
+        patch_size: patch side p.
+    Shapes: (B, in_chans, H, W) -> ((B, (H // p) * (W // p), C), (H // p, W // p)).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as the official patch embedding
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
+        x = self.proj(x)
+        size = (x.shape[2], x.shape[3])
+        # (B, C, H', W') -> (B, H' * W', C); LayerNorm writes a contiguous result either way.
+        return self.norm(x.flatten(2).transpose(1, 2)), size
+
+
+class PositionalEncodingGenerator(nn.Module):
+    """PEG: a depth-wise k x k convolution over the token map, added residually.
+
+    The convolution sits inside an `nn.Sequential` only so that its parameters are named
+    `proj.0.*` as in the official checkpoints.
+
+    Args:
+        dim: channels C.
+        kernel_size: odd kernel side (3 in every published model).
+    Shapes: (B, N, C), (H, W) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"PEG kernel size must be odd to keep the token map size, got {kernel_size}")
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim))
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        feat = tokens_to_map(x, size)
+        return map_to_tokens(self.proj(feat) + feat)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (module form of `drop_path`). Shapes: any -> same."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
