@@ -107,7 +107,7 @@ class Twins(nn.Module):
         self.patch_embeds = nn.ModuleList(
             PatchEmbed(in_dims[i], self.embed_dims[i], self.patch_sizes[i]) for i in range(S))
         self.pos_drops = nn.ModuleList(nn.Dropout(drop_rate) for _ in range(S))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # any default device
         self.blocks = nn.ModuleList()
         for i in range(S):
             first = sum(depths[:i])
