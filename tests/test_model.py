@@ -265,3 +265,21 @@ def test_bf16_autocast_runs_and_stays_close():
             low = model(x)
     assert low.dtype == torch.bfloat16
     assert F.cosine_similarity(low.float(), ref, dim=1).min() > 0.99
+
+
+def test_per_stage_keyword_api_builds_the_same_network_as_the_table():
+    stage_args = {}
+    cfg = twins.MODEL_CONFIGS["alt_gvt_small"]
+    for i in range(4):
+        stage_args.update({f"s{i + 1}_emb_dim": cfg["embed_dims"][i], f"s{i + 1}_patch_size": 4 if i == 0 else 2,
+                           f"s{i + 1}_local_patch_size": 7, f"s{i + 1}_global_k": cfg["sr_ratios"][i],
+                           f"s{i + 1}_depth": cfg["depths"][i], f"s{i + 1}_heads": cfg["num_heads"][i],
+                           f"s{i + 1}_mlp_mult": 4})
+    with torch.device("meta"):
+        model = twins.twins_from_stage_kwargs(peg_kernel_size=3, dropout=0.0, **stage_args)
+    reference = official_model("alt_gvt_small").state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+    with pytest.raises(ValueError, match="missing per-stage keyword"):
+        twins.twins_from_stage_kwargs(**{k: v for k, v in stage_args.items() if k != "s3_heads"})
+    with pytest.raises(ValueError, match="unknown keyword 's1_emb_dims'"):
+        twins.twins_from_stage_kwargs(s1_emb_dims=3, **stage_args)

@@ -10,10 +10,11 @@ import difflib
 import inspect
 from typing import Any, List
 
-from .configs import ALIASES, MODEL_CONFIGS, TIMM_NAMES
+from .configs import ALIASES, MODEL_CONFIGS, TIMM_NAMES, stage_kwargs_to_config
 from .model import Block, Twins
 
-__all__ = ["Twins", "Block", "create_model", "list_models", "MODEL_CONFIGS", "TIMM_NAMES"]
+__all__ = ["Twins", "Block", "create_model", "list_models", "twins_from_stage_kwargs",
+           "MODEL_CONFIGS", "TIMM_NAMES"]
 
 _TIMM_FACTORY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _TWINS_ARGS = set(inspect.signature(Twins.__init__).parameters) - {"self"}
@@ -49,6 +50,13 @@ def create_model(name: str, num_classes: int = 1000, drop_path_rate: float = 0.0
                          f"valid: {', '.join(sorted(_TWINS_ARGS))}")
     config.update(overrides, num_classes=num_classes, drop_path_rate=drop_path_rate)
     return Twins(**config)
+
+
+def twins_from_stage_kwargs(**kwargs: Any) -> Twins:
+    """Build a Twins model from per-stage keywords, e.g. `s1_emb_dim=64, s1_patch_size=4,
+    s1_local_patch_size=7, s1_global_k=8, s1_depth=2, s1_heads=2, s1_mlp_mult=4, ...,
+    peg_kernel_size=3, dropout=0.0` (see `twins.configs.stage_kwargs_to_config`)."""
+    return Twins(**stage_kwargs_to_config(**kwargs))
 
 
 def _register_with_timm() -> None:

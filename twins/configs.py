@@ -36,3 +36,41 @@ ALIASES = {"pcpvt_small": "pcpvt_small_v0", "pcpvt_base": "pcpvt_base_v0",
 TIMM_NAMES = {"pcpvt_small_v0": "twins_pcpvt_small", "pcpvt_base_v0": "twins_pcpvt_base",
               "pcpvt_large_v0": "twins_pcpvt_large", "alt_gvt_small": "twins_svt_small",
               "alt_gvt_base": "twins_svt_base", "alt_gvt_large": "twins_svt_large"}
+
+# Per-stage keyword spelling (`s1_emb_dim`, `s2_depth`, ...) -> generic constructor argument.
+STAGE_KWARGS = {"emb_dim": "embed_dims", "patch_size": "patch_sizes", "local_patch_size": "window_sizes",
+                "global_k": "sr_ratios", "depth": "depths", "heads": "num_heads", "mlp_mult": "mlp_ratios"}
+_GLOBAL_KWARGS = {"peg_kernel_size": "peg_kernel_size", "dropout": "drop_rate",
+                  "num_classes": "num_classes", "drop_path_rate": "drop_path_rate"}
+
+
+def stage_kwargs_to_config(**kwargs: Any) -> Dict[str, Any]:
+    """Translate the per-stage keyword API into `Twins` arguments.
+
+    `s<i>_<field>` for stages i = 1..S with field in STAGE_KWARGS (every stage must give every
+    field), plus peg_kernel_size, dropout, num_classes and drop_path_rate. `local_patch_size` 0
+    makes a stage GSA-only; `global_k` is the GSA sub-sampling ratio.
+
+    Raises:
+        ValueError: an unknown keyword, or a stage missing a field.
+    """
+    per_stage: Dict[str, Dict[int, Any]] = {arg: {} for arg in STAGE_KWARGS.values()}
+    config: Dict[str, Any] = {}
+    for key, value in kwargs.items():
+        stage, _, field = key.partition("_")
+        if key in _GLOBAL_KWARGS:
+            config[_GLOBAL_KWARGS[key]] = value
+        elif stage[:1] == "s" and stage[1:].isdigit() and field in STAGE_KWARGS:
+            per_stage[STAGE_KWARGS[field]][int(stage[1:])] = value
+        else:
+            raise ValueError(f"unknown keyword {key!r}: expected s<i>_<{'|'.join(STAGE_KWARGS)}> "
+                             f"or one of {', '.join(_GLOBAL_KWARGS)}")
+    stages = sorted(set().union(*per_stage.values()))
+    if stages != list(range(1, len(stages) + 1)):
+        raise ValueError(f"stages must be numbered 1..S without gaps, got {stages}")
+    for arg, values in per_stage.items():
+        missing = [f"s{i}_{f}" for i in stages if i not in values for f, a in STAGE_KWARGS.items() if a == arg]
+        if missing:
+            raise ValueError(f"missing per-stage keyword(s): {', '.join(missing)}")
+        config[arg] = [values[i] for i in stages]
+    return config
