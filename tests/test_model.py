@@ -53,7 +53,8 @@ def test_equal_to_timm_with_the_same_weights(name):
 def test_forward_backward_reaches_every_parameter(name):
     model = official_model(name).train()
     try:
-        out = model(torch.randn(2, 3, 64, 64))
+        # The smallest legal input still reaches every parameter (the PEG's centre taps at 1x1).
+        out = model(torch.randn(2, 3, 32, 32))
         assert out.shape == (2, 1000)
         out.logsumexp(1).sum().backward()
         for pname, p in model.named_parameters():
