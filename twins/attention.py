@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import map_to_tokens, tokens_to_map
+from .layers import conv2d, emulated_autocast_dtype, linear, map_to_tokens, tokens_to_map
 
 Size = Tuple[int, int]
 
@@ -38,6 +38,23 @@ def _window_key_mask(size: Size, window: int, batch: int, device: torch.device) 
     # (hg * ws, wg * ws) -> (hg * wg, ws * ws): the key order inside each window.
     real = real.view(hg, window, wg, window).transpose(1, 2).reshape(hg * wg, window * window)
     return real.repeat(batch, 1).view(batch * hg * wg, 1, 1, window * window)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              dropout_p: float) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on (..., N, hd) q and (..., M, hd) k, v.
+
+    Under CPU autocast on a CPU without bf16/fp16 kernels (see `layers.linear`) the fused kernel
+    runs in fp32 on the (already rounded) low-precision q, k, v and its output is rounded back,
+    instead of the generic low-precision loops.
+    """
+    emulated = emulated_autocast_dtype(q)
+    if emulated is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                             dropout_p=dropout_p)
+    return out.to(emulated)
 
 
 class LocallyGroupedAttention(nn.Module):
@@ -73,7 +90,7 @@ class LocallyGroupedAttention(nn.Module):
         H, W = size
         ws, heads, hd = self.window_size, self.num_heads, self.head_dim
         # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
-        qkv = self.qkv(x).view(B, H, W, 3 * C)
+        qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         pad_h, pad_w = -H % ws, -W % ws
         if pad_h or pad_w:
             qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
@@ -82,8 +99,7 @@ class LocallyGroupedAttention(nn.Module):
         qkv = qkv.view(B, hg, ws, wg, ws, 3, heads, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
         q, k, v = qkv.reshape(3, B * hg * wg, heads, ws * ws, hd).unbind(0)
         mask = _window_key_mask(size, ws, B, x.device) if pad_h or pad_w else None
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
         # (B*hg*wg, heads, ws*ws, hd) -> (B, hg*ws, wg*ws, C): the single copy out.
         out = out.view(B, hg, wg, heads, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, hg * ws, wg * ws, C)
@@ -91,7 +107,7 @@ class LocallyGroupedAttention(nn.Module):
             out = out[:, :H, :W].reshape(B, N, C)
         else:
             out = out.view(B, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}"
@@ -136,16 +152,15 @@ class GlobalSubsampledAttention(nn.Module):
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
         # (B, N, C) -> (B, heads, N, hd), a strided view that SDPA reads without a copy.
-        q = self.q(x).view(B, N, heads, hd).transpose(1, 2)
+        q = linear(x, self.q).view(B, N, heads, hd).transpose(1, 2)
         kv_src = x
         if self.sr is not None:
-            kv_src = self.norm(map_to_tokens(self.sr(tokens_to_map(x, size))))  # (B, N', C)
+            kv_src = self.norm(map_to_tokens(conv2d(tokens_to_map(x, size), self.sr)))  # (B, N', C)
         # (B, N', 2C) -> (2, B, heads, N', hd)
-        k, v = self.kv(kv_src).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

@@ -1,0 +1,488 @@
+"""Throughput, memory and profile of the Twins models, optionally against timm's implementation.
+
+Every configuration (model x batch size x input size x precision x mode) becomes one row: a few
+untimed warm-up steps, then `--runs` timed steps; the row reports the median images/s with the
+min-max spread, the peak memory of a step, and with `--compare-timm` the same figures for timm's
+implementation of the same network loaded with the same weights, timed in the same process with
+the runs interleaved (ours, timm, ours, timm, ...) so that load on the machine hits both alike.
+
+    python benchmark.py --model alt_gvt_small pcpvt_small_v0 --precision fp32 bf16 \
+        --mode inference train --compare-timm --name cpu_small
+
+writes logs/benchmark_cpu_small.json and logs/benchmark_cpu_small.md. `main.py --throughput`
+reuses `time_inference`.
+"""
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twins
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("ours", "timm")
+
+
+@dataclass
+class Timing:
+    """Throughput over repeated timed runs, in images per second."""
+    median: float
+    min: float
+    max: float
+    seconds: List[float]  # wall time of each timed run
+
+
+@dataclass
+class Config:
+    """One benchmark row."""
+    model: str
+    batch_size: int
+    img_size: int
+    precision: str  # a key of PRECISIONS
+    mode: str  # "inference" or "train"
+    compile: bool = False
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+
+
+# ------------------------------------------------------------------------------------ timing
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock time covers the work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """Autocast context for `amp_dtype` on `device`; disabled (plain fp32) when it is None."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                          enabled=amp_dtype is not None)
+
+
+def timing_from_seconds(seconds: List[float], batch_size: int) -> Timing:
+    """Images/s statistics of runs that each processed `batch_size` images."""
+    rates = [batch_size / s for s in seconds]
+    return Timing(statistics.median(rates), min(rates), max(rates), list(seconds))
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds taken by fn(), synchronised on CUDA before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(steps: Dict[str, Callable[[], object]], batch_size: int,
+                     device: torch.device, warmup: int, runs: int) -> Dict[str, Timing]:
+    """Time several step functions in turn: all warm up, then run i of each, then run i + 1."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    seconds: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, step in steps.items():
+            seconds[name].append(time_call(step, device))
+    return {name: timing_from_seconds(s, batch_size) for name, s in seconds.items()}
+
+
+def inference_step(model: nn.Module, images: torch.Tensor,
+                   amp_dtype: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
+    """A closure running one forward pass of `model` (put in eval mode) without autograd."""
+    model.eval()
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), autocast(images.device, amp_dtype):
+            return model(images)
+    return step
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+               amp_dtype: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
+    """A closure running forward, cross-entropy backward and one AdamW step (train mode).
+
+    fp16 uses a gradient scaler, as fp16 training must; bf16 and fp32 need none.
+    """
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(images.device.type, enabled=amp_dtype == torch.float16)
+
+    def step() -> torch.Tensor:
+        with autocast(images.device, amp_dtype):
+            loss = F.cross_entropy(model(images), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def time_inference(model: nn.Module, images: torch.Tensor, *, warmup: int, runs: int,
+                   amp_dtype: Optional[torch.dtype] = None) -> Timing:
+    """Images/s of `model(images)` under inference_mode: `warmup` untimed then `runs` timed calls.
+
+    Args:
+        model: the network, already on the device of `images` (put in eval mode here).
+        images: (B, C, H, W) batch.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), or None for full precision.
+    """
+    step = inference_step(model, images, amp_dtype)
+    return time_interleaved({"model": step}, images.shape[0], images.device, warmup, runs)["model"]
+
+
+# ---------------------------------------------------------------------------------- models
+def timm_name(model: str) -> str:
+    """timm's name for one of our models, or a ValueError for models timm does not have."""
+    name = twins.resolve_name(model)
+    if name not in twins.TIMM_NAMES:
+        raise ValueError(f"--compare-timm: timm has no counterpart of {model!r}; choose one of "
+                         f"{', '.join(sorted(twins.TIMM_NAMES))}")
+    return twins.TIMM_NAMES[name]
+
+
+def build_models(cfg: Config, impls, device: torch.device, seed: int) -> Dict[str, nn.Module]:
+    """Our model with seeded weights and, if asked, timm's model loaded with the same weights."""
+    torch.manual_seed(seed)
+    models = {"ours": twins.create_model(cfg.model)}
+    if "timm" in impls:
+        import timm
+        models["timm"] = timm.create_model(timm_name(cfg.model), pretrained=False)
+        models["timm"].load_state_dict(models["ours"].state_dict())
+    for name, model in models.items():
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    return models
+
+
+def make_inputs(cfg: Config, device: torch.device, seed: int):
+    """A fixed random (images, targets) batch for `cfg`."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen)
+    targets = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+    images = images.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    return images, targets.to(device)
+
+
+def make_step(model: nn.Module, cfg: Config, images: torch.Tensor, targets: torch.Tensor):
+    """The timed step of `cfg` for `model` (compiled first when cfg.compile)."""
+    if cfg.precision == "fp16" and images.device.type != "cuda":
+        raise ValueError("--precision fp16 is for CUDA devices only; use bf16 on the CPU")
+    if cfg.compile:
+        model = torch.compile(model)
+    amp_dtype = PRECISIONS[cfg.precision]
+    if cfg.mode == "inference":
+        return inference_step(model, images, amp_dtype)
+    return train_step(model, images, targets, amp_dtype)
+
+
+@torch.inference_mode()
+def max_logit_difference(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
+    """max |a(images) - b(images)| in fp32, both in eval mode."""
+    a.eval()
+    b.eval()
+    return (a(images).float() - b(images).float()).abs().max().item()
+
+
+@torch.inference_mode()
+def top1_agreement(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype,
+                   chunk: int = 32) -> float:
+    """Share of images whose top-1 class under `amp_dtype` autocast equals the fp32 one."""
+    model.eval()
+    same = 0
+    for batch in images.split(chunk):
+        with autocast(batch.device, amp_dtype):
+            low = model(batch).argmax(1)
+        same += (low == model(batch).argmax(1)).sum().item()
+    return same / images.shape[0]
+
+
+# ---------------------------------------------------------------------------------- memory
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _cpu_peak_memory_worker(cfg: Config, impl: str, seed: int, warmup: int,
+                            threads: int) -> Dict[str, int]:
+    """In a fresh process: RSS before the first step and max RSS after warmup + 1 steps."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model = build_models(cfg, ("ours", impl), device, seed)[impl]
+    images, targets = make_inputs(cfg, device, seed)
+    step = make_step(model, cfg, images, targets)
+    before = _current_rss_bytes()
+    for _ in range(warmup + 1):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"rss_before_step": before, "peak": peak}
+
+
+def peak_memory(cfg: Config, impl: str, step: Callable, device: torch.device, seed: int,
+                warmup: int = 1) -> Dict[str, int]:
+    """Peak memory of one step of `impl` in bytes.
+
+    CUDA: torch.cuda.max_memory_allocated over one step, in this process. CPU: the max resident
+    set size never goes down within a process, so each measurement runs in a fresh subprocess
+    (model build, `warmup` steps, one more step); "peak" is that process's max RSS, and
+    "rss_before_step" its RSS once the model and batch exist, so peak - rss_before_step is
+    what the step itself (activations, gradients, optimizer state) added.
+    """
+    if device.type == "cuda":
+        step()
+        synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return {"rss_before_step": before, "peak": torch.cuda.max_memory_allocated(device)}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_cpu_peak_memory_worker, (cfg, impl, seed, warmup, torch.get_num_threads()))
+
+
+# --------------------------------------------------------------------------------- profile
+KERNEL_CATEGORIES = {
+    "matmul": ("addmm", "aten::mm", "bmm", "baddbmm", "linear_pointwise", "aten::matmul",
+               "aten::linear", "gemm"),
+    "conv": ("conv",),
+    "attention": ("scaled_dot_product", "flash_attention", "efficient_attention", "attention"),
+}
+
+
+def kernel_category(op_name: str) -> str:
+    """'matmul', 'conv', 'attention' or 'other' for a profiler op name."""
+    lowered = op_name.lower()
+    for category, keys in KERNEL_CATEGORIES.items():
+        if any(key in lowered for key in keys):
+            return category
+    return "other"
+
+
+def kernel_shares(events, device: torch.device) -> Dict[str, float]:
+    """Share of self time per kernel category, from profiler `key_averages()`."""
+    totals = dict.fromkeys(list(KERNEL_CATEGORIES) + ["other"], 0.0)
+    for event in events:
+        self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        totals[kernel_category(event.key)] += self_time
+    whole = sum(totals.values()) or 1.0
+    shares = {category: t / whole for category, t in totals.items()}
+    shares["kernels"] = 1.0 - shares["other"]
+    return shares
+
+
+def profile_step(step: Callable, device: torch.device, label: str,
+                 rows: int = 15) -> Dict[str, float]:
+    """Profile one step, print the top ops by self time and return the kernel-time shares."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.key_averages()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {label}")
+    print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=50))
+    shares = kernel_shares(events, device)
+    print("time share: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+    return shares
+
+
+# ------------------------------------------------------------------------------------ rows
+def run_config(cfg: Config, args: argparse.Namespace, device: torch.device) -> Dict:
+    """Time (and optionally compare, profile, measure memory of) one configuration."""
+    impls = IMPLS if args.compare_timm else ("ours",)
+    models = build_models(cfg, impls, device, args.seed)
+    images, targets = make_inputs(cfg, device, args.seed)
+    row: Dict = {"config": asdict(cfg)}
+    if args.compare_timm:
+        row["max_logit_diff"] = max_logit_difference(models["ours"], models["timm"], images)
+    steps = {impl: make_step(models[impl], cfg, images, targets) for impl in impls}
+    timings = time_interleaved(steps, cfg.batch_size, device, args.warmup, args.runs)
+    for impl in impls:
+        row[impl] = {"timing": asdict(timings[impl])}
+        if args.profile:
+            row[impl]["kernel_share"] = profile_step(steps[impl], device, f"{impl} {cfg}")
+        if args.memory:
+            row[impl]["memory"] = peak_memory(cfg, impl, steps[impl], device, args.seed)
+    if args.compare_timm:
+        row["ratio"] = ratio(timings["ours"], timings["timm"])
+    amp_dtype = PRECISIONS[cfg.precision]
+    if args.bf16_agreement and amp_dtype is not None:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        batch = torch.randn(args.bf16_agreement, 3, cfg.img_size, cfg.img_size, generator=gen)
+        row["top1_agreement"] = top1_agreement(models["ours"], batch.to(device), amp_dtype)
+    print(format_row(row), flush=True)
+    return row
+
+
+def ratio(ours: Timing, reference: Timing) -> Dict[str, float]:
+    """ours / reference throughput: of the medians, and the median of the per-run ratios.
+
+    Runs are interleaved, so run i of both saw about the same machine load; the per-run ratios
+    are the steadier figure when the load changes during a benchmark.
+    """
+    paired = [r / o for o, r in zip(ours.seconds, reference.seconds)]  # rate ratio = time ratio^-1
+    return {"of_medians": ours.median / reference.median, "paired_median": statistics.median(paired)}
+
+
+def _mib(n_bytes: Optional[int]) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / 2 ** 20:,.0f}"
+
+
+def _rate(timing: Dict) -> str:
+    return f"{timing['median']:.1f} ({timing['min']:.1f}-{timing['max']:.1f})"
+
+
+def format_row(row: Dict) -> str:
+    """One human-readable line per row for the console."""
+    c = row["config"]
+    text = (f"{c['model']} b{c['batch_size']} {c['img_size']}px {c['precision']} {c['mode']}"
+            f"{' compiled' if c['compile'] else ''}{' channels-last' if c['channels_last'] else ''}"
+            f"{' grad-ckpt' if c['grad_checkpointing'] else ''}: ours {_rate(row['ours']['timing'])} img/s")
+    if "timm" in row:
+        text += (f", timm {_rate(row['timm']['timing'])} img/s, ours/timm "
+                 f"{row['ratio']['of_medians']:.2f}x, max|dlogit| {row['max_logit_diff']:.2e}")
+    return text
+
+
+MD_COLUMNS = ("model", "batch", "img", "precision", "mode", "compile", "ch-last", "grad-ckpt",
+              "ours img/s (min-max)", "timm img/s (min-max)", "ours/timm", "max abs logit diff",
+              "kernel share ours / timm", "peak MiB ours / timm", "top-1 = fp32")
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The rows as a markdown table (absent figures shown as '-')."""
+    def pair(key, fmt):
+        return " / ".join(fmt(row[i][key]) if i in row and key in row[i] else "-" for i in IMPLS)
+
+    lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
+    for row in rows:
+        c = row["config"]
+        cells = [c["model"], c["batch_size"], c["img_size"], c["precision"], c["mode"],
+                 "yes" if c["compile"] else "no", "yes" if c["channels_last"] else "no",
+                 "yes" if c["grad_checkpointing"] else "no", _rate(row["ours"]["timing"]),
+                 _rate(row["timm"]["timing"]) if "timm" in row else "-",
+                 f"{row['ratio']['of_medians']:.2f}x" if "ratio" in row else "-",
+                 f"{row['max_logit_diff']:.1e}" if "max_logit_diff" in row else "-"]
+        cells.append(pair("kernel_share", lambda s: f"{s['kernels']:.0%}"))
+        cells.append(pair("memory", lambda m: _mib(m["peak"])))
+        cells.append(f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-")
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- output
+def environment(device: torch.device) -> Dict:
+    """What the figures depend on: versions, device, threads, machine load."""
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        import timm
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/loadavg") as f:
+            info["load_average_at_start"] = f.read().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def write_results(rows: List[Dict], args: argparse.Namespace, device: torch.device,
+                  command: str) -> Path:
+    """Write logs/benchmark_<name>.json and .md; return the JSON path."""
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"benchmark_{args.name}"
+    settings = {k: v for k, v in vars(args).items()}
+    result = {"command": command, "settings": settings, "environment": environment(device),
+              "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + markdown_table(rows))
+    return stem.with_suffix(".json")
+
+
+def configs_from_args(args: argparse.Namespace) -> List[Config]:
+    """The cross product of the requested models, sizes, precisions and modes."""
+    return [Config(model, batch, size, precision, mode, args.compile, args.channels_last,
+                   args.grad_checkpointing)
+            for model in args.model for batch in args.batch_size for size in args.img_size
+            for precision in args.precision for mode in args.mode]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--model", nargs="+", default=["alt_gvt_small"],
+                      choices=twins.list_models(include_aliases=True))
+    what.add_argument("--batch-size", nargs="+", type=int, default=[32])
+    what.add_argument("--img-size", nargs="+", type=int, default=[224])
+    what.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32"],
+                      help="fp32, or bf16/fp16 autocast (fp16 on CUDA only)")
+    what.add_argument("--mode", nargs="+", choices=["inference", "train"], default=["inference"],
+                      help="train = forward + cross-entropy backward + AdamW step")
+    what.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                      help="torch.compile the model(s) (compilation happens in the warm-up)")
+    what.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    what.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    what.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    how = parser.add_argument_group("how to measure")
+    how.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    how.add_argument("--runs", type=int, default=5, help="timed steps; the median is reported")
+    how.add_argument("--compare-timm", action=argparse.BooleanOptionalAction, default=False,
+                     help="also run timm's twins_* with the same weights, interleaved")
+    how.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                     help="profile one step and report the time share of matmul/conv/attention")
+    how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                     help="peak memory of a step (CPU: max RSS of a fresh subprocess per row)")
+    how.add_argument("--bf16-agreement", type=int, default=0, metavar="N",
+                     help="for autocast rows: share of N fixed random images whose top-1 class (ours) "
+                          "equals the fp32 one")
+    how.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    how.add_argument("--seed", type=int, default=0)
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default="logs")
+    out.add_argument("--name", default="latest", help="writes <output-dir>/benchmark_<name>.json/.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
+    args = parse_args(argv)
+    command = "python benchmark.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    configs = configs_from_args(args)
+    if args.compare_timm:
+        for cfg in configs:
+            timm_name(cfg.model)  # fail before any timing when a model has no timm counterpart
+    rows: List[Dict] = []
+    for cfg in configs:  # results are rewritten after every row: long runs keep what they have
+        rows.append(run_config(cfg, args, device))
+        path = write_results(rows, args, device, command)
+    print("\n" + markdown_table(rows) + f"\nwrote {path} and {path.with_suffix('.md')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""benchmark.py's own logic, on the micro models (and one real timm model) with tiny runs."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import benchmark
+import twins
+from benchmark import Config, Timing
+
+
+def test_timing_statistics_are_images_per_second():
+    timing = benchmark.timing_from_seconds([0.5, 0.25, 1.0], batch_size=4)
+    assert (timing.median, timing.min, timing.max) == (8.0, 4.0, 16.0)
+
+
+def test_ratio_of_medians_and_of_paired_runs():
+    ours = benchmark.timing_from_seconds([1.0, 1.0, 2.0], 8)
+    timm = benchmark.timing_from_seconds([2.0, 3.0, 2.0], 8)
+    r = benchmark.ratio(ours, timm)
+    assert r["of_medians"] == pytest.approx(8.0 / 4.0)  # medians 8 and 4 img/s
+    assert r["paired_median"] == pytest.approx(2.0)  # per-run ratios 2, 3, 1
+
+
+def test_time_inference_returns_one_timing_per_run():
+    model = twins.create_model("alt_gvt_micro", num_classes=5)
+    timing = benchmark.time_inference(model, torch.randn(2, 3, 32, 32), warmup=1, runs=3)
+    assert isinstance(timing, Timing) and len(timing.seconds) == 3
+    assert 0 < timing.min <= timing.median <= timing.max
+    assert not model.training
+
+
+def test_train_step_updates_the_weights():
+    torch.manual_seed(0)
+    model = twins.create_model("pcpvt_micro", num_classes=5)
+    before = model.head.weight.detach().clone()
+    step = benchmark.train_step(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 3]), None)
+    loss = step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.head.weight)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("mkldnn::_linear_pointwise", "matmul"),
+    ("aten::bmm", "matmul"), ("aten::mkldnn_convolution", "conv"),
+    ("aten::convolution_backward", "conv"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::copy_", "other"), ("aten::gelu", "other"), ("aten::native_layer_norm", "other")])
+def test_kernel_category(name, category):
+    assert benchmark.kernel_category(name) == category
+
+
+def test_kernel_shares_from_profiler_events():
+    events = [SimpleNamespace(key="aten::addmm", self_cpu_time_total=60.0),
+              SimpleNamespace(key="aten::mkldnn_convolution", self_cpu_time_total=20.0),
+              SimpleNamespace(key="aten::copy_", self_cpu_time_total=20.0)]
+    shares = benchmark.kernel_shares(events, torch.device("cpu"))
+    assert shares["matmul"] == pytest.approx(0.6) and shares["conv"] == pytest.approx(0.2)
+    assert shares["kernels"] == pytest.approx(0.8) and shares["other"] == pytest.approx(0.2)
+
+
+def test_fp16_on_cpu_is_refused():
+    cfg = Config("pcpvt_micro", 1, 32, "fp16", "inference")
+    with pytest.raises(ValueError, match="CUDA"):
+        benchmark.make_step(torch.nn.Identity(), cfg, torch.randn(1, 3, 32, 32), torch.tensor([0]))
+
+
+def test_compare_timm_refuses_models_without_counterpart():
+    with pytest.raises(ValueError, match="no counterpart"):
+        benchmark.timm_name("alt_gvt_micro")
+
+
+def test_main_writes_json_and_markdown(tmp_path):
+    rows = benchmark.main(["--model", "alt_gvt_micro", "--batch-size", "2", "--img-size", "32",
+                           "--precision", "fp32", "bf16", "--mode", "inference", "train",
+                           "--warmup", "0", "--runs", "2", "--no-memory", "--profile",
+                           "--output-dir", str(tmp_path), "--name", "unit"])
+    data = json.loads((tmp_path / "benchmark_unit.json").read_text())
+    assert data["command"].startswith("python benchmark.py --model alt_gvt_micro")
+    assert {"torch", "timm", "device", "threads"} <= set(data["environment"])
+    assert len(data["rows"]) == len(rows) == 4
+    row = data["rows"][0]
+    assert row["config"] == dict(model="alt_gvt_micro", batch_size=2, img_size=32, precision="fp32",
+                                 mode="inference", compile=False, channels_last=False,
+                                 grad_checkpointing=False)
+    assert len(row["ours"]["timing"]["seconds"]) == 2 and row["ours"]["timing"]["median"] > 0
+    assert 0 < row["ours"]["kernel_share"]["kernels"] <= 1
+    table = (tmp_path / "benchmark_unit.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| alt_gvt_micro")]
+    assert len(body) == 4 and "| bf16 | train |" in body[3]
+    assert table[0].startswith("Command: `python benchmark.py")
+
+
+def test_compare_timm_on_a_real_timm_model(tmp_path):
+    rows = benchmark.main(["--model", "pcpvt_small_v0", "--batch-size", "1", "--img-size", "64",
+                           "--warmup", "0", "--runs", "2", "--compare-timm", "--no-memory",
+                           "--output-dir", str(tmp_path), "--name", "timm"])
+    row = rows[0]
+    assert row["max_logit_diff"] <= 1e-4
+    assert row["ratio"]["of_medians"] == pytest.approx(
+        row["ours"]["timing"]["median"] / row["timm"]["timing"]["median"])
+    line = [x for x in (tmp_path / "benchmark_timm.md").read_text().splitlines() if x.startswith("| pcpvt")][0]
+    assert f"{row['ratio']['of_medians']:.2f}x" in line and f"{row['max_logit_diff']:.1e}" in line
+
+
+def test_cpu_peak_memory_runs_in_a_fresh_process():
+    cfg = Config("pcpvt_micro", 2, 32, "fp32", "train")
+    memory = benchmark.peak_memory(cfg, "ours", None, torch.device("cpu"), seed=0, warmup=0)
+    assert memory["peak"] >= memory["rss_before_step"] > 50 * 2 ** 20  # torch alone is larger

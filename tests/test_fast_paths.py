@@ -1,0 +1,194 @@
+"""Every fast path of the model package against a plain implementation written the obvious way.
+
+The references below use only F.linear, F.conv2d, F.layer_norm, explicit softmax attention and
+an explicit token-to-token mask for the windows, on small inputs with odd sizes, in fp32 and
+under bf16 autocast (where the fast paths emulate bf16 kernels in fp32 on CPUs without them).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import twins
+from twins import layers
+from twins.attention import GlobalSubsampledAttention, LocallyGroupedAttention
+from twins.layers import Mlp, PatchEmbed, PositionalEncodingGenerator
+
+BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # a few bf16 ulps of O(1) activations
+
+
+def attention(q, k, v, allowed=None):
+    """softmax(q k^T / sqrt(d) + mask) v on (..., N, d) tensors; `allowed` (N, M) bool."""
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def split_heads(t, heads):
+    B, N, C = t.shape
+    return t.reshape(B, N, heads, C // heads).transpose(1, 2)  # (B, N, C) -> (B, h, N, d)
+
+
+def merge_heads(t):
+    B, h, N, d = t.shape
+    return t.transpose(1, 2).reshape(B, N, h * d)  # (B, h, N, d) -> (B, N, C)
+
+
+def reference_lsa(m: LocallyGroupedAttention, x, size):
+    """Global attention restricted by a mask: token i sees token j iff they share a window."""
+    H, W = size
+    rows = torch.arange(H).repeat_interleave(W) // m.window_size
+    cols = torch.arange(W).repeat(H) // m.window_size
+    allowed = (rows[:, None] == rows[None]) & (cols[:, None] == cols[None])
+    q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
+    out = attention(*(split_heads(t, m.num_heads) for t in (q, k, v)), allowed)
+    return F.linear(merge_heads(out), m.proj.weight, m.proj.bias)
+
+
+def reference_gsa(m: GlobalSubsampledAttention, x, size):
+    B, N, C = x.shape
+    src = x
+    if m.sr is not None:
+        image = x.transpose(1, 2).reshape(B, C, *size)  # plain NCHW, contiguous after reshape
+        src = F.conv2d(image, m.sr.weight, m.sr.bias, stride=m.sr_ratio).flatten(2).transpose(1, 2)
+        src = F.layer_norm(src, (C,), m.norm.weight, m.norm.bias, m.norm.eps)
+    q = F.linear(x, m.q.weight, m.q.bias)
+    k, v = F.linear(src, m.kv.weight, m.kv.bias).chunk(2, dim=-1)
+    out = attention(*(split_heads(t, m.num_heads) for t in (q, k, v)))
+    return F.linear(merge_heads(out), m.proj.weight, m.proj.bias)
+
+
+def reference_mlp(m: Mlp, x):
+    return F.linear(F.gelu(F.linear(x, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
+
+
+def reference_peg(m: PositionalEncodingGenerator, x, size):
+    B, N, C = x.shape
+    conv = m.proj[0]
+    image = x.transpose(1, 2).reshape(B, C, *size)
+    out = F.conv2d(image, conv.weight, conv.bias, padding=conv.padding, groups=C) + image
+    return out.flatten(2).transpose(1, 2)
+
+
+def run(fn, precision, *args):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return fn(*args)
+
+
+def assert_matches(ours, ref, precision):
+    assert ours.dtype == ref.dtype
+    tol = BF16_TOL if precision == "bf16" else dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.float(), ref.float(), **tol)
+
+
+PRECISIONS = ["fp32", "bf16"]
+SIZES = [(7, 7), (9, 13), (5, 3)]
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("size", SIZES)
+def test_locally_grouped_attention(precision, size):
+    m = LocallyGroupedAttention(dim=12, num_heads=3, window_size=4).eval()
+    x = torch.randn(2, size[0] * size[1], 12)
+    assert_matches(run(m, precision, x, size), run(reference_lsa, precision, m, x, size), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_global_subsampled_attention(precision, size, sr_ratio):
+    m = GlobalSubsampledAttention(dim=12, num_heads=2, sr_ratio=sr_ratio).eval()
+    x = torch.randn(2, size[0] * size[1], 12)
+    assert_matches(run(m, precision, x, size), run(reference_gsa, precision, m, x, size), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mlp_fused_gelu(precision):
+    m = Mlp(10, 24).eval()
+    x = torch.randn(3, 7, 10) * 3  # wide range: both GELU tails
+    assert_matches(run(m, precision, x), run(reference_mlp, precision, m, x), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_positional_encoding_generator(precision):
+    m = PositionalEncodingGenerator(8).eval()
+    x = torch.randn(2, 5 * 7, 8)
+    assert_matches(run(m, precision, x, (5, 7)), run(reference_peg, precision, m, x, (5, 7)), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_patch_embed_drops_partial_patches(precision):
+    m = PatchEmbed(3, 8, 4).eval()
+    image = torch.randn(2, 3, 13, 10)
+    out, size = run(m, precision, image)
+
+    def reference(image):
+        tokens = F.conv2d(image, m.proj.weight, m.proj.bias, stride=4).flatten(2).transpose(1, 2)
+        return F.layer_norm(tokens, (8,), m.norm.weight, m.norm.bias, m.norm.eps)
+    assert size == (3, 2)
+    assert_matches(out, run(reference, precision, image), precision)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_gradients_equal_autograd(gelu):
+    layer = torch.nn.Linear(6, 9)
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    out = layers.linear(x, layer, gelu=gelu)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
+    ref_out = F.linear(x, layer.weight, layer.bias)
+    ref_out = F.gelu(ref_out) if gelu else ref_out
+    want = torch.autograd.grad(ref_out, (x, layer.weight, layer.bias), grad)
+    torch.testing.assert_close(out, ref_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_emulated_bf16_linear_rounds_like_a_bf16_kernel():
+    """Under emulation the result is the fp32 product of bf16-rounded operands, rounded once."""
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers.linear(x, layer)
+    exact = F.linear(x.bfloat16().double(), layer.weight.bfloat16().double(),
+                     layer.bias.bfloat16().double())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, atol=0, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
+def test_whole_model_fast_equals_plain_forward_and_backward(name, monkeypatch):
+    """Gradients of every parameter with the fast paths and with plain modules only."""
+    model = twins.create_model(name, num_classes=7)
+    images = torch.randn(2, 3, 45, 39)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(images)
+        out.logsumexp(1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_out, fast_grads = grads()
+    monkeypatch.setattr(layers, "_use_onednn_linear", lambda x: False)
+    plain_out, plain_grads = grads()
+    torch.testing.assert_close(fast_out, plain_out, atol=2e-5, rtol=1e-4)
+    for n in plain_grads:
+        torch.testing.assert_close(fast_grads[n], plain_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_whole_model_bf16_close_to_native_autocast(monkeypatch):
+    """The emulated bf16 path and torch's own bf16 kernels agree to bf16 precision."""
+    model = twins.create_model("alt_gvt_micro", num_classes=7).eval()
+    images = torch.randn(2, 3, 37, 41)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(images)
+        monkeypatch.setattr(layers, "_use_onednn_linear", lambda x: False)
+        monkeypatch.setattr(layers, "emulated_autocast_dtype", lambda x: None)
+        native = model(images)
+    assert fast.dtype == native.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), native.float(), **BF16_TOL)
