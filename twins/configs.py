@@ -54,23 +54,23 @@ def stage_kwargs_to_config(**kwargs: Any) -> Dict[str, Any]:
     Raises:
         ValueError: an unknown keyword, or a stage missing a field.
     """
-    per_stage: Dict[str, Dict[int, Any]] = {arg: {} for arg in STAGE_KWARGS.values()}
+    per_stage: Dict[str, Dict[int, Any]] = {field: {} for field in STAGE_KWARGS}  # field -> stage -> value
     config: Dict[str, Any] = {}
     for key, value in kwargs.items():
         stage, _, field = key.partition("_")
         if key in _GLOBAL_KWARGS:
             config[_GLOBAL_KWARGS[key]] = value
         elif stage[:1] == "s" and stage[1:].isdigit() and field in STAGE_KWARGS:
-            per_stage[STAGE_KWARGS[field]][int(stage[1:])] = value
+            per_stage[field][int(stage[1:])] = value
         else:
             raise ValueError(f"unknown keyword {key!r}: expected s<i>_<{'|'.join(STAGE_KWARGS)}> "
                              f"or one of {', '.join(_GLOBAL_KWARGS)}")
     stages = sorted(set().union(*per_stage.values()))
     if stages != list(range(1, len(stages) + 1)):
         raise ValueError(f"stages must be numbered 1..S without gaps, got {stages}")
-    for arg, values in per_stage.items():
-        missing = [f"s{i}_{f}" for i in stages if i not in values for f, a in STAGE_KWARGS.items() if a == arg]
-        if missing:
-            raise ValueError(f"missing per-stage keyword(s): {', '.join(missing)}")
-        config[arg] = [values[i] for i in stages]
+    missing = [f"s{i}_{field}" for field, values in per_stage.items() for i in stages if i not in values]
+    if missing:
+        raise ValueError(f"missing per-stage keyword(s): {', '.join(missing)}")
+    for field, values in per_stage.items():
+        config[STAGE_KWARGS[field]] = [values[i] for i in stages]
     return config
