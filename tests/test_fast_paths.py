@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import twins
-from twins import layers
+from twins import kernels
 from twins.attention import GlobalSubsampledAttention, LocallyGroupedAttention
 from twins.layers import Mlp, PatchEmbed, PositionalEncodingGenerator
+from twins.model import Block
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # a few bf16 ulps of O(1) activations
 
@@ -107,11 +108,68 @@ def test_global_subsampled_attention(precision, size, sr_ratio):
     assert_matches(run(m, precision, x, size), run(reference_gsa, precision, m, x, size), precision)
 
 
+@pytest.fixture(params=[2048, 5], ids=["one-chunk", "chunks-of-5"])
+def chunk_rows(request, monkeypatch):
+    """Run a test with the default chunk size and with tiny chunks (several, the last partial)."""
+    monkeypatch.setattr(kernels, "CHUNK_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_mlp_fused_gelu(precision):
+def test_mlp_chunked(precision, chunk_rows):
     m = Mlp(10, 24).eval()
     x = torch.randn(3, 7, 10) * 3  # wide range: both GELU tails
     assert_matches(run(m, precision, x), run(reference_mlp, precision, m, x), precision)
+
+
+def test_mlp_chunked_gradients_equal_autograd(chunk_rows):
+    m = Mlp(10, 24)
+    x = torch.randn(3, 7, 10, requires_grad=True)
+    params = (x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)
+    out = m(x)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    ref = reference_mlp(m, x)
+    want = torch.autograd.grad(ref, params, grad)
+    torch.testing.assert_close(out, ref)
+    for name, g, w in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+def test_mlp_chunked_bf16_gradients_close_to_native_autocast(chunk_rows, monkeypatch):
+    m = Mlp(10, 24)
+    x = torch.randn(3, 7, 10, requires_grad=True)
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        return (out,) + torch.autograd.grad(out.float().square().sum(), (x, m.fc1.weight, m.fc2.weight))
+
+    fast = grads()
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    monkeypatch.setattr(kernels, "emulated_autocast_dtype", lambda x: None)
+    native = grads()
+    assert fast[0].dtype == native[0].dtype == torch.bfloat16
+    for f, n in zip(fast, native):
+        torch.testing.assert_close(f.float(), n.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kind", ["lsa", "gsa-sr1", "gsa-sr2"])
+@pytest.mark.parametrize("size", [(8, 12), (5, 7), (9, 4)])
+def test_block_inference_residual_branches_equal_plain(kind, size, chunk_rows, monkeypatch):
+    """The chunked x + Attn(LN(x)) and x + MLP(LN(x)) of fp32 inference against plain modules."""
+    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
+    block = Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+    for p in block.parameters():  # non-trivial LayerNorm affine and biases
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, size[0] * size[1], 12)
+    with torch.inference_mode():
+        assert kernels.inference_applies(x)
+        fast = block(x, size)
+        monkeypatch.setattr(kernels, "enabled", lambda x: False)
+        assert not kernels.inference_applies(x)
+        plain = block(x, size)
+    torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -138,7 +196,7 @@ def test_patch_embed_drops_partial_patches(precision):
 def test_linear_gradients_equal_autograd(gelu):
     layer = torch.nn.Linear(6, 9)
     x = torch.randn(4, 5, 6, requires_grad=True)
-    out = layers.linear(x, layer, gelu=gelu)
+    out = kernels.linear(x, layer, gelu=gelu)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
     ref_out = F.linear(x, layer.weight, layer.bias)
@@ -154,7 +212,7 @@ def test_emulated_bf16_linear_rounds_like_a_bf16_kernel():
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(5, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layers.linear(x, layer)
+        out = kernels.linear(x, layer)
     exact = F.linear(x.bfloat16().double(), layer.weight.bfloat16().double(),
                      layer.bias.bfloat16().double())
     assert out.dtype == torch.bfloat16
@@ -174,7 +232,7 @@ def test_whole_model_fast_equals_plain_forward_and_backward(name, monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast_out, fast_grads = grads()
-    monkeypatch.setattr(layers, "_use_onednn_linear", lambda x: False)
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
     plain_out, plain_grads = grads()
     torch.testing.assert_close(fast_out, plain_out, atol=2e-5, rtol=1e-4)
     for n in plain_grads:
@@ -187,8 +245,8 @@ def test_whole_model_bf16_close_to_native_autocast(monkeypatch):
     images = torch.randn(2, 3, 37, 41)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast = model(images)
-        monkeypatch.setattr(layers, "_use_onednn_linear", lambda x: False)
-        monkeypatch.setattr(layers, "emulated_autocast_dtype", lambda x: None)
+        monkeypatch.setattr(kernels, "enabled", lambda x: False)
+        monkeypatch.setattr(kernels, "emulated_autocast_dtype", lambda x: None)
         native = model(images)
     assert fast.dtype == native.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), native.float(), **BF16_TOL)

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import conv2d, emulated_autocast_dtype, linear, map_to_tokens, tokens_to_map
+from . import kernels
+from .kernels import addmm_linear, conv2d, emulated_autocast_dtype, layer_norm, linear
+from .layers import map_to_tokens, tokens_to_map
 
 Size = Tuple[int, int]
 
@@ -44,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
               dropout_p: float) -> torch.Tensor:
     """`F.scaled_dot_product_attention` on (..., N, hd) q and (..., M, hd) k, v.
 
-    Under CPU autocast on a CPU without bf16/fp16 kernels (see `layers.linear`) the fused kernel
+    Under CPU autocast on a CPU without bf16/fp16 kernels (see `kernels`) the fused kernel
     runs in fp32 on the (already rounded) low-precision q, k, v and its output is rounded back,
     instead of the generic low-precision loops.
     """
@@ -109,6 +111,38 @@ class LocallyGroupedAttention(nn.Module):
             out = out.view(B, N, C)
         return self.proj_drop(linear(out, self.proj))
 
+    def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
+        """x + self(norm(x), size) at fp32 CPU inference (`kernels.inference_applies`).
+
+        Works through bands of whole window rows (ws token rows of one image), a few at a
+        time, so that the LayerNorm, q/k/v and attention output of a chunk stay in cache.
+        Maps that need padding take the plain path.
+        """
+        B, N, C = x.shape
+        H, W = size
+        ws, heads, hd = self.window_size, self.num_heads, self.head_dim
+        if H % ws or W % ws:
+            return x + self(norm(x), size)
+        wg, band = W // ws, ws * W  # windows per band, tokens per band
+        bands = x.reshape(B * (H // ws), band, C)
+        out = torch.empty_like(bands)
+        per_chunk = max(1, kernels.CHUNK_ROWS // band)
+        qkv_buf = x.new_empty(min(per_chunk, bands.shape[0]) * band, 3 * C)
+        attn_buf = x.new_empty(qkv_buf.shape[0], C)
+        for s, e in kernels.chunks(bands.shape[0], per_chunk):
+            n = e - s
+            tokens = bands[s:e].view(n * band, C)
+            qkv = addmm_linear(layer_norm(tokens, norm), self.qkv, qkv_buf[:n * band])
+            # (n, ws, wg, ws, 3, heads, hd) -> (3, n * wg, heads, ws * ws, hd)
+            qkv = qkv.view(n, ws, wg, ws, 3, heads, hd).permute(4, 0, 2, 5, 1, 3, 6)
+            q, k, v = qkv.reshape(3, n * wg, heads, ws * ws, hd).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v)
+            # (n * wg, heads, ws, ws, hd) -> (n, ws, wg, ws, heads, hd) = (n * band, C)
+            a = a.view(n, wg, heads, ws, ws, hd).permute(0, 3, 1, 4, 2, 5)
+            a = attn_buf[:n * band].view(n, ws, wg, ws, heads, hd).copy_(a).view(n * band, C)
+            addmm_linear(a, self.proj, out[s:e].view(n * band, C)).add_(tokens)
+        return out.view(B, N, C)
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}"
 
@@ -161,6 +195,37 @@ class GlobalSubsampledAttention(nn.Module):
         out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(linear(out, self.proj))
+
+    def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
+        """x + self(norm(x), size) at fp32 CPU inference (`kernels.inference_applies`).
+
+        Keys and values come from the whole (sub-sampled) map first; queries, attention and
+        the output projection then run a few images (or part of one) at a time in cache.
+        """
+        B, N, C = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        normed = layer_norm(x, norm)
+        kv_src = normed
+        if self.sr is not None:
+            kv_src = layer_norm(map_to_tokens(self.sr(tokens_to_map(normed, size))), self.norm)
+        # (B, N', 2C) -> (2, B, heads, N', hd)
+        k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.empty_like(x)
+        rows = min(N, kernels.CHUNK_ROWS)  # query tokens per chunk within an image
+        per_chunk = max(1, kernels.CHUNK_ROWS // N)  # images per chunk
+        q_buf = x.new_empty(min(per_chunk, B) * rows, C)
+        attn_buf = torch.empty_like(q_buf)
+        for b0, b1 in kernels.chunks(B, per_chunk):
+            for t0, t1 in kernels.chunks(N, rows):
+                n, t = b1 - b0, t1 - t0
+                src = normed[b0:b1, t0:t1].reshape(n * t, C)
+                q = addmm_linear(src, self.q, q_buf[:n * t]).view(n, t, heads, hd).transpose(1, 2)
+                a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
+                a = attn_buf[:n * t].view(n, t, heads, hd).copy_(a.transpose(1, 2))
+                # Either whole images or part of one image: contiguous rows of x and out.
+                addmm_linear(a.view(n * t, C), self.proj, out[b0:b1, t0:t1].view(n * t, C)).add_(
+                    x[b0:b1, t0:t1].reshape(n * t, C))
+        return out
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

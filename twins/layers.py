@@ -5,14 +5,16 @@ order. Viewing such a tensor as (B, H, W, C) and permuting it to (B, C, H, W) gi
 channels-last image without a copy, which is the layout the CPU and cuDNN convolution kernels
 prefer; every convolution here is fed that view instead of a `.transpose().contiguous()` copy.
 
-The CPU fast paths (`linear`, `conv2d`) live here too; see their docstrings. Attribute names
-(`proj`, `norm`, `fc1`, `fc2`, `proj.0`) follow the official checkpoints.
+The CPU fast paths they call (`kernels.linear`, `kernels.mlp`, `kernels.conv2d`) live in
+`kernels.py`. Attribute names (`proj`, `norm`, `fc1`, `fc2`, `proj.0`) follow the official
+checkpoints.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .kernels import conv2d, mlp, mlp_applies
 
 Size = Tuple[int, int]
 
@@ -36,113 +38,6 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
-# ------------------------------------------------------------------------------ fast paths
-# Two facts about CPUs drive these helpers (measured with benchmark.py --profile):
-# 1. `F.linear` runs as `addmm`, which first copies the broadcast bias into the output and then
-#    accumulates the product into it: a full extra pass over the output. oneDNN's linear
-#    (`mkldnn::_linear_pointwise`, the op torch.compile's CPU backend emits) adds the bias and,
-#    optionally, the exact-erf GELU inside the matmul epilogue instead.
-# 2. On CPUs without bf16/fp16 instructions (AVX2), low-precision matmuls and convolutions fall
-#    back to generic loops 10-20x slower than fp32. There an autocast op is computed in fp32 on
-#    operands rounded to the autocast dtype, and its result rounded to that dtype: the same
-#    numbers a native low-precision kernel gives (products of bf16/fp16 values are exact in
-#    fp32, and such kernels accumulate in fp32), at fp32 speed.
-
-
-def _cpu_has_native_kernels(probe: str) -> bool:
-    return torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, probe)()
-
-
-# Whether this CPU has native low-precision kernels (a constant, so torch.compile can inline it).
-_CPU_NATIVE = {torch.bfloat16: _cpu_has_native_kernels("_is_mkldnn_bf16_supported"),
-               torch.float16: _cpu_has_native_kernels("_is_mkldnn_fp16_supported")}
-
-
-def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The CPU autocast dtype when this CPU lacks native kernels for it (see above), else None."""
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return None
-    dtype = torch.get_autocast_dtype("cpu")
-    return None if _CPU_NATIVE.get(dtype, True) else dtype
-
-
-def _round_to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """t rounded to `dtype` and held in fp32 (exact: fp32 represents every bf16/fp16 value)."""
-    return None if t is None else t.to(dtype).float()
-
-
-def _use_onednn_linear(x: torch.Tensor) -> bool:
-    """Eager CPU only: tracers, exporters and torch.compile must see the standard aten::linear."""
-    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                     or torch.jit.is_scripting()))
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """y = act(x W^T + b) for training: oneDNN's matmul with the bias in its epilogue, the
-    exact-erf GELU (optional) after it, and the usual matmuls in backward.
-
-    Takes 2-D fp32 x (M, K), W (N, K), b (N,) or None; `gelu` selects the exact-erf GELU.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gelu: bool):
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        ctx.gelu, ctx.has_bias = gelu, bias is not None
-        ctx.save_for_backward(x, weight, out if gelu else None)  # GELU backward needs its input
-        return F.gelu(out) if gelu else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, pre_act = ctx.saved_tensors
-        if ctx.gelu:
-            grad = torch.ops.aten.gelu_backward(grad, pre_act)
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, followed by the exact-erf GELU when `gelu`; the fast path on CPUs.
-
-    Same semantics as the plain modules under autocast: the result has the autocast dtype.
-    Shapes: (..., in_features) -> (..., out_features).
-    """
-    emulated = emulated_autocast_dtype(x)
-    onednn = _use_onednn_linear(x)
-    if emulated is None and (not onednn or x.dtype != torch.float32
-                             or torch.is_autocast_enabled(x.device.type)):
-        out = layer(x)
-        return F.gelu(out) if gelu else out
-    weight, bias = layer.weight, layer.bias
-    if emulated is not None:
-        x, weight, bias = _round_to(x, emulated), _round_to(weight, emulated), _round_to(bias, emulated)
-    x2d = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
-    with torch.autocast("cpu", enabled=False):
-        if not onednn:  # emulation under torch.compile / tracing: standard ops only
-            out = F.linear(x2d, weight, bias)
-            out = F.gelu(out) if gelu else out
-        elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            out = _OneDnnLinear.apply(x2d, weight, bias, gelu)
-        else:  # inference: GELU fused into the matmul epilogue
-            out = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "gelu" if gelu else "none",
-                                                     [], "none" if gelu else "")
-    out = out.view(*x.shape[:-1], out.shape[-1])
-    return out if emulated is None else out.to(emulated)
-
-
-def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv(x)`, computed in fp32 on rounded operands under emulated CPU autocast (see above)."""
-    emulated = emulated_autocast_dtype(x)
-    if emulated is None:
-        return conv(x)
-    with torch.autocast("cpu", enabled=False):
-        out = conv._conv_forward(_round_to(x, emulated), _round_to(conv.weight, emulated),
-                                 _round_to(conv.bias, emulated))
-    return out.to(emulated)
-
-
 class Mlp(nn.Module):
     """Linear -> GELU (exact erf) -> dropout -> Linear -> dropout.
 
@@ -156,13 +51,17 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        return (self.drop.p == 0.0 or not self.training) and mlp_applies(x, self.fc1, self.fc2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fc1 and the GELU run as one fused op where the backend has it (see `linear`).
-        hidden = linear(x, self.fc1, gelu=True)
-        return self.drop(linear(self.drop(hidden), self.fc2))
+        if self.uses_fast_path(x):
+            return mlp(x, self.fc1, self.fc2)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Module):

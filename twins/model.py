@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .attention import GlobalSubsampledAttention, LocallyGroupedAttention
 from .layers import DropPath, Mlp, PatchEmbed, PositionalEncodingGenerator, Size, tokens_to_map
 
@@ -47,6 +48,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        if kernels.inference_applies(x) and self.mlp.uses_fast_path(x):
+            # CPU fp32 inference: each residual branch runs chunk by chunk in cache.
+            x = self.attn.forward_residual(x, size, self.norm1)
+            return kernels.mlp_residual(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -1,0 +1,262 @@
+"""CPU fast paths of the model, each equal to the plain modules it replaces.
+
+Three facts about CPUs drive them (measured with `benchmark.py --profile`):
+
+1. Fresh memory is expensive. PyTorch's CPU allocator has no cache: every large activation
+   (above glibc's mmap threshold, at most 32 MiB) is mapped fresh and page-faulted in, and an
+   operation that streams a 100 MB activation through memory runs at memory speed, not at
+   matmul speed. The MLP below therefore works through the tokens in chunks whose hidden
+   activations (chunk x 4C) stay in cache and live in buffers allocated once per call.
+2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
+   then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
+   torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
+   exact-erf GELU too, but its erf epilogue is slower than a separate in-place GELU pass.)
+3. On CPUs without bf16/fp16 instructions (AVX2), low-precision matmuls and convolutions fall
+   back to generic loops 10-20x slower than fp32. There an autocast op is computed in fp32 on
+   operands rounded to the autocast dtype, and its result rounded to that dtype: the numbers a
+   native low-precision kernel gives (products of bf16/fp16 values are exact in fp32, and such
+   kernels accumulate in fp32), at fp32 speed.
+
+The fast paths run in eager mode on the CPU only: on CUDA the caching allocator and the
+standard kernels already do the right thing, and tracers, exporters and torch.compile must see
+standard aten ops.
+"""
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _cpu_has_native_kernels(probe: str) -> bool:
+    return torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, probe)()
+
+
+# Whether this CPU has native low-precision kernels (a constant, so torch.compile can inline it).
+_CPU_NATIVE = {torch.bfloat16: _cpu_has_native_kernels("_is_mkldnn_bf16_supported"),
+               torch.float16: _cpu_has_native_kernels("_is_mkldnn_fp16_supported")}
+
+# Tokens per chunk of the chunked kernels: the MLP's hidden chunk (2048 x 4C floats, 2 MiB at
+# C = 64) stays in cache and the matmuls still see tall operands.
+CHUNK_ROWS = 2048
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the CPU fast paths apply to x (eager CPU; never under tracing or compile)."""
+    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                     or torch.jit.is_scripting()))
+
+
+def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The CPU autocast dtype when this CPU lacks native kernels for it (see above), else None."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    return None if _CPU_NATIVE.get(dtype, True) else dtype
+
+
+def _round_to(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """t rounded to `dtype` and held in fp32 (exact: fp32 represents every bf16/fp16 value)."""
+    return t if t is None or dtype is None else t.to(dtype).float()
+
+
+def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Round an fp32 tensor to `dtype` in place (kept in fp32); no-op when dtype is None."""
+    return t if dtype is None else t.copy_(t.to(dtype))
+
+
+def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
+    """(start, end) of consecutive chunks of at most `step` items out of `total`."""
+    return ((s, min(s + step, total)) for s in range(0, total, step))
+
+
+# ------------------------------------------------------------------------------------ linear
+class _OneDnnLinear(torch.autograd.Function):
+    """y = act(x W^T + b) for training: oneDNN's matmul with the bias in its epilogue, the
+    exact-erf GELU (optional) after it, and the usual matmuls in backward.
+
+    Takes 2-D fp32 x (M, K), W (N, K), b (N,) or None; `gelu` selects the exact-erf GELU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gelu: bool):
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        ctx.gelu, ctx.has_bias = gelu, bias is not None
+        ctx.save_for_backward(x, weight, out if gelu else None)  # GELU backward needs its input
+        return F.gelu(out) if gelu else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, pre_act = ctx.saved_tensors
+        if ctx.gelu:
+            grad = torch.ops.aten.gelu_backward(grad, pre_act)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """`layer(x)`, followed by the exact-erf GELU when `gelu`; the fast path on CPUs.
+
+    Same semantics as the plain modules under autocast: the result has the autocast dtype.
+    Shapes: (..., in_features) -> (..., out_features).
+    """
+    emulated = emulated_autocast_dtype(x)
+    fast = enabled(x)
+    if emulated is None and (not fast or x.dtype != torch.float32
+                             or torch.is_autocast_enabled(x.device.type)):
+        out = layer(x)
+        return F.gelu(out) if gelu else out
+    weight, bias = layer.weight, layer.bias
+    x, weight, bias = _round_to(x, emulated), _round_to(weight, emulated), _round_to(bias, emulated)
+    x2d = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
+    with torch.autocast("cpu", enabled=False):
+        if not fast:  # emulation under torch.compile / tracing: standard ops only
+            out = F.linear(x2d, weight, bias)
+            out = F.gelu(out) if gelu else out
+        elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            out = _OneDnnLinear.apply(x2d, weight, bias, gelu)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
+            if gelu:
+                torch.ops.aten.gelu_(out)
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return out if emulated is None else out.to(emulated)
+
+
+# --------------------------------------------------------------------------------------- MLP
+def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
+                residual=False) -> None:
+    """out = fc2(GELU(fc1(norm(x)))) (+ x) chunk by chunk, with chunk-sized temporaries.
+
+    x (M, C), out (M, C_out) fp32; `pre` (M, H) receives fc1's output when given (saved for
+    backward), else a chunk-sized buffer holds it. `rounding` rounds fc1's output and the GELU
+    as bf16/fp16 autocast kernels would (None: plain fp32). `norm` (a LayerNorm applied to each
+    chunk first) and `residual` are for inference only.
+    """
+    M, H = x.shape[0], w1.shape[0]
+    rows = min(CHUNK_ROWS, M)
+    hidden = x.new_empty(rows, H)
+    act = x.new_empty(rows, H) if pre is not None else hidden
+    for s, e in chunks(M, CHUNK_ROWS):
+        h = pre[s:e] if pre is not None else hidden[:e - s]
+        g = act[:e - s]
+        torch.addmm(b1, x[s:e] if norm is None else layer_norm(x[s:e], norm), w1.t(), out=h)
+        _round_(h, rounding)
+        torch.ops.aten.gelu.out(h, out=g)
+        _round_(g, rounding)
+        torch.addmm(b2, g, w2.t(), out=out[s:e])
+        if residual:
+            out[s:e] += x[s:e]
+
+
+class _ChunkedMlp(torch.autograd.Function):
+    """Training form of `mlp`: saves x and fc1's output (not the GELU's, which backward
+    recomputes chunk by chunk in cache) and works through the tokens in chunks both ways.
+
+    Takes 2-D fp32 x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, rounding):
+        out = x.new_empty(x.shape[0], w2.shape[0])
+        pre = x.new_empty(x.shape[0], w1.shape[0])
+        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding)
+        ctx.rounding = rounding
+        ctx.save_for_backward(x, w1, w2, pre)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, pre = ctx.saved_tensors
+        grad_out = grad_out.float().contiguous()
+        M, H = pre.shape
+        rows = min(CHUNK_ROWS, M)
+        act, grad_h = x.new_empty(rows, H), x.new_empty(rows, H)
+        grad_x = torch.empty_like(x)
+        grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(H)
+        grad_w2, grad_b2 = torch.zeros_like(w2), grad_out.sum(0)
+        for s, e in chunks(M, CHUNK_ROWS):
+            g, dh, dy = act[:e - s], grad_h[:e - s], grad_out[s:e]
+            torch.ops.aten.gelu.out(pre[s:e], out=g)
+            _round_(g, ctx.rounding)
+            grad_w2.addmm_(dy.t(), g)
+            torch.mm(dy, w2, out=dh)  # gradient of the GELU output
+            torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
+            grad_b1 += dh.sum(0)
+            grad_w1.addmm_(dh.t(), x[s:e])
+            torch.mm(dh, w1, out=grad_x[s:e])
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def mlp_applies(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
+    """Whether `mlp` takes the chunked path for x (else callers use the plain modules)."""
+    return (enabled(x) and fc1.bias is not None and fc2.bias is not None
+            and (x.dtype == torch.float32 or emulated_autocast_dtype(x) is not None)
+            and (emulated_autocast_dtype(x) is not None or not torch.is_autocast_enabled("cpu")))
+
+
+def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """fc2(GELU(fc1(x))) on the CPU, chunked over tokens; see `mlp_applies`.
+
+    Same semantics as the plain modules, under emulated autocast too (result in the autocast
+    dtype). Shapes: (..., C) -> (..., C_out).
+    """
+    rounding = emulated_autocast_dtype(x)
+    x2d = _round_to(x.reshape(-1, x.shape[-1]), rounding).contiguous()  # (..., C) -> (M, C)
+    w1, b1, w2, b2 = (_round_to(t, rounding) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+    with torch.autocast("cpu", enabled=False):
+        if torch.is_grad_enabled() and (x2d.requires_grad or w1.requires_grad):
+            out = _ChunkedMlp.apply(x2d, w1, b1, w2, b2, rounding)
+        else:
+            out = x2d.new_empty(x2d.shape[0], w2.shape[0])
+            _mlp_chunks(x2d, w1, b1, w2, b2, out, rounding=rounding)
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return out if rounding is None else out.to(rounding)
+
+
+# --------------------------------------------------------------- whole residual branches
+# At fp32 inference a block is two residual branches, x + Attn(LN(x)) and x + MLP(LN(x)). Run
+# chunk by chunk, each branch reads x once and writes its result once; everything in between
+# (the LayerNorm, q/k/v, the 4C hidden activations) lives in cache-sized buffers.
+
+
+def inference_applies(x: torch.Tensor) -> bool:
+    """Whether the chunked residual branches apply: eager fp32 CPU inference, no autocast."""
+    return (enabled(x) and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def addmm_linear(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """out = layer(x) for 2-D x, written into the given buffer (no fresh allocation)."""
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+
+
+def mlp_residual(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear,
+                 fc2: nn.Linear) -> torch.Tensor:
+    """x + fc2(GELU(fc1(norm(x)))) at fp32 inference (`inference_applies`), chunked over
+    tokens. Shapes: (..., C) -> (..., C)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(x2d)
+    _mlp_chunks(x2d, fc1.weight, fc1.bias, fc2.weight, fc2.bias, out, norm=norm, residual=True)
+    return out.view(x.shape)
+
+
+# ------------------------------------------------------------------------------ convolution
+def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)`, computed in fp32 on rounded operands under emulated CPU autocast (see above)."""
+    emulated = emulated_autocast_dtype(x)
+    if emulated is None:
+        return conv(x)
+    with torch.autocast("cpu", enabled=False):
+        out = conv._conv_forward(_round_to(x, emulated), _round_to(conv.weight, emulated),
+                                 _round_to(conv.bias, emulated))
+    return out.to(emulated)
