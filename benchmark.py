@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twins
+from utils import retain_freed_memory
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("ours", "timm")
@@ -459,6 +460,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      help="for autocast rows: share of N fixed random images whose top-1 class (ours) "
                           "equals the fp32 one")
     how.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    how.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=False,
+                     help="CPU: make glibc keep freed memory for reuse (as jemalloc/tcmalloc would) "
+                          "instead of page-faulting fresh activations every step; applies to "
+                          "every model in the process")
     how.add_argument("--seed", type=int, default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="logs")
@@ -471,6 +476,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     command = "python benchmark.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_memory and not retain_freed_memory():
+        raise SystemExit("--retain-memory needs glibc's mallopt, which this platform lacks")
     device = torch.device(args.device)
     configs = configs_from_args(args)
     if args.compare_timm:

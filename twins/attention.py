@@ -94,6 +94,12 @@ class LocallyGroupedAttention(nn.Module):
         # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
         qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         pad_h, pad_w = -H % ws, -W % ws
+        if (kernels.enabled(x) and not (pad_h or pad_w) and not (self.training and self.attn_drop)
+                and (qkv.dtype == torch.float32 or emulated_autocast_dtype(x) is not None)):
+            # CPU: gather windows chunk by chunk in cache (see `kernels.window_attention`).
+            emulated = emulated_autocast_dtype(x)
+            out = kernels.window_attention(qkv.float(), ws, heads).view(B, N, C)
+            return self.proj_drop(linear(out if emulated is None else out.to(emulated), self.proj))
         if pad_h or pad_w:
             qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         hg, wg = (H + pad_h) // ws, (W + pad_w) // ws

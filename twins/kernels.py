@@ -67,8 +67,11 @@ def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
-    """(start, end) of consecutive chunks of at most `step` items out of `total`."""
-    return ((s, min(s + step, total)) for s in range(0, total, step))
+    """(start, end) of the fewest consecutive chunks of at most `step` items covering `total`,
+    of equal size as far as possible (no small tail chunk for the matmuls)."""
+    count = -(-total // step)
+    size = -(-total // count) if count else 0
+    return ((s, min(s + size, total)) for s in range(0, total, size or 1))
 
 
 # ------------------------------------------------------------------------------------ linear
@@ -215,6 +218,83 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
             _mlp_chunks(x2d, w1, b1, w2, b2, out, rounding=rounding)
     out = out.view(*x.shape[:-1], out.shape[-1])
     return out if rounding is None else out.to(rounding)
+
+
+# ------------------------------------------------------------------------- window attention
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(n, ws, W, G * C) bands of tokens -> (G, n * wg, heads, ws * ws, hd) windows (a copy).
+
+    G is 3 for q/k/v and 1 for a single tensor; C = heads * hd and wg = W // ws.
+    """
+    n, ws, W, _ = t.shape
+    wg = W // ws
+    t = t.view(n, ws, wg, ws, -1, heads, head_dim).permute(4, 0, 2, 5, 1, 3, 6)
+    return t.reshape(t.shape[0], n * wg, heads, ws * ws, head_dim)
+
+
+def _unwindow_(windows: torch.Tensor, dst: torch.Tensor) -> None:
+    """Write (n * wg, heads, ws * ws, hd) windows into `dst`, a (n, ws, W, heads * hd) view."""
+    n, ws, W, _ = dst.shape
+    wg = W // ws
+    heads, hd = windows.shape[1], windows.shape[3]
+    dst.view(n, ws, wg, ws, heads, hd).copy_(
+        windows.reshape(n, wg, heads, ws, ws, hd).permute(0, 3, 1, 4, 2, 5))
+
+
+class _WindowAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hd)) v inside ws x ws windows, from q/k/v in token layout to the
+    output in token layout, a few bands (window rows) at a time.
+
+    Windows are gathered per chunk in cache; backward recomputes that gather and writes the
+    q/k/v gradients straight into one token-layout tensor (no stacking of three full-size
+    gradients). Takes qkv (nb, ws, W, 3C) fp32, W a multiple of ws; returns (nb, ws, W, C).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, window: int, heads: int):
+        nb, ws, W, C3 = qkv.shape
+        wg, per_chunk = W // ws, max(1, CHUNK_ROWS // (ws * W))
+        hd = C3 // 3 // heads
+        out = qkv.new_empty(nb, ws, W, C3 // 3)
+        lse = qkv.new_empty(nb * wg, heads, ws * ws)
+        for s, e in chunks(nb, per_chunk):
+            q, k, v = _windows(qkv[s:e], heads, hd).unbind(0)
+            o, lse[s * wg:e * wg] = _flash(q, k, v)
+            _unwindow_(o, out[s:e])
+        ctx.heads = heads
+        ctx.save_for_backward(qkv, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        nb, ws, W, C3 = qkv.shape
+        wg, per_chunk = W // ws, max(1, CHUNK_ROWS // (ws * W))
+        grad_out = grad_out.contiguous()
+        grad_qkv = torch.empty_like(qkv)
+        C = C3 // 3
+        heads, hd = ctx.heads, C // ctx.heads
+        for s, e in chunks(nb, per_chunk):
+            q, k, v = _windows(qkv[s:e], heads, hd).unbind(0)
+            o = _windows(out[s:e], heads, hd)[0]
+            do = _windows(grad_out[s:e], heads, hd)[0]
+            grads = _flash_backward(do, q, k, v, o, lse[s * wg:e * wg], 0.0, False)
+            for i, g in enumerate(grads):
+                _unwindow_(g, grad_qkv[s:e, ..., i * C:(i + 1) * C])
+        return grad_qkv, None, None
+
+
+def window_attention(qkv: torch.Tensor, window: int, heads: int) -> torch.Tensor:
+    """Attention inside window x window windows of a (B, H, W, 3C) q/k/v map whose sides are
+    multiples of `window`; returns the (B, H, W, C) output. CPU fast path (`enabled`), fp32
+    (callers round for emulated autocast)."""
+    B, H, W, C3 = qkv.shape
+    bands = qkv.reshape(B * (H // window), window, W, C3)
+    return _WindowAttention.apply(bands, window, heads).view(B, H, W, C3 // 3)
 
 
 # --------------------------------------------------------------- whole residual branches
