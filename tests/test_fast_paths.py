@@ -168,6 +168,19 @@ def test_mlp_chunked_bf16_gradients_close_to_native_autocast(chunk_rows, monkeyp
         torch.testing.assert_close(f.float(), n.float(), atol=5e-2, rtol=5e-2)
 
 
+def test_scratch_buffers_are_reused_per_slot_and_mode():
+    like = torch.zeros(1)
+    a = kernels.scratch("test.a", 4, 6, like)
+    assert kernels.scratch("test.a", 3, 5, like).data_ptr() == a.data_ptr()  # smaller: same memory
+    assert kernels.scratch("test.b", 4, 6, like).data_ptr() != a.data_ptr()
+    bigger = kernels.scratch("test.a", 8, 6, like)
+    assert bigger.shape == (8, 6) and bigger.data_ptr() != a.data_ptr()
+    with torch.inference_mode():  # inference tensors must not leak into autograd code
+        inf = kernels.scratch("test.a", 4, 6, like)
+        assert inf.is_inference() and inf.data_ptr() != bigger.data_ptr()
+    assert not kernels.scratch("test.a", 4, 6, like).is_inference()
+
+
 @pytest.mark.parametrize("kind", ["lsa", "gsa-sr1", "gsa-sr2"])
 @pytest.mark.parametrize("size", [(8, 12), (5, 7), (9, 4)])
 def test_block_inference_residual_branches_equal_plain(kind, size, chunk_rows, monkeypatch):

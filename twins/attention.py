@@ -133,8 +133,8 @@ class LocallyGroupedAttention(nn.Module):
         bands = x.reshape(B * (H // ws), band, C)
         out = torch.empty_like(bands)
         per_chunk = max(1, kernels.CHUNK_ROWS // band)
-        qkv_buf = x.new_empty(min(per_chunk, bands.shape[0]) * band, 3 * C)
-        attn_buf = x.new_empty(qkv_buf.shape[0], C)
+        qkv_buf = kernels.scratch("attn.qkv", min(per_chunk, bands.shape[0]) * band, 3 * C, x)
+        attn_buf = kernels.scratch("attn.out", qkv_buf.shape[0], C, x)
         for s, e in kernels.chunks(bands.shape[0], per_chunk):
             n = e - s
             tokens = bands[s:e].view(n * band, C)
@@ -219,8 +219,8 @@ class GlobalSubsampledAttention(nn.Module):
         out = torch.empty_like(x)
         rows = min(N, kernels.CHUNK_ROWS)  # query tokens per chunk within an image
         per_chunk = max(1, kernels.CHUNK_ROWS // N)  # images per chunk
-        q_buf = x.new_empty(min(per_chunk, B) * rows, C)
-        attn_buf = torch.empty_like(q_buf)
+        q_buf = kernels.scratch("attn.q", min(per_chunk, B) * rows, C, x)
+        attn_buf = kernels.scratch("attn.out", q_buf.shape[0], C, x)
         for b0, b1 in kernels.chunks(B, per_chunk):
             for t0, t1 in kernels.chunks(N, rows):
                 n, t = b1 - b0, t1 - t0

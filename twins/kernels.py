@@ -21,7 +21,8 @@ The fast paths run in eager mode on the CPU only: on CUDA the caching allocator 
 standard kernels already do the right thing, and tracers, exporters and torch.compile must see
 standard aten ops.
 """
-from typing import Iterator, Optional, Tuple
+import threading
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,23 @@ def _round_to(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Option
 def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """Round an fp32 tensor to `dtype` in place (kept in fp32); no-op when dtype is None."""
     return t if dtype is None else t.copy_(t.to(dtype))
+
+
+_SCRATCH = threading.local()  # per thread: {(slot, device, dtype, inference mode): 1-D buffer}
+
+
+def scratch(slot: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, cols) buffer for chunk temporaries, reused by every later call with the same
+    slot in this thread, so that they are not freshly mapped and page-faulted each time.
+
+    Callers never return it or save it for backward; one slot serves one use at a time.
+    """
+    pool: Dict = _SCRATCH.__dict__.setdefault("pool", {})
+    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
+    buf = pool.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = pool[key] = like.new_empty(rows * cols)
+    return buf[:rows * cols].view(rows, cols)
 
 
 def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
@@ -141,8 +159,8 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
-    hidden = x.new_empty(rows, H)
-    act = x.new_empty(rows, H) if pre is not None else hidden
+    hidden = scratch("mlp.hidden", rows, H, x)
+    act = scratch("mlp.act", rows, H, x) if pre is not None else hidden
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[:e - s]
@@ -177,7 +195,7 @@ class _ChunkedMlp(torch.autograd.Function):
         grad_out = grad_out.float().contiguous()
         M, H = pre.shape
         rows = min(CHUNK_ROWS, M)
-        act, grad_h = x.new_empty(rows, H), x.new_empty(rows, H)
+        act, grad_h = scratch("mlp.act", rows, H, x), scratch("mlp.grad_h", rows, H, x)
         grad_x = torch.empty_like(x)
         grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(H)
         grad_w2, grad_b2 = torch.zeros_like(w2), grad_out.sum(0)

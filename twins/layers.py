@@ -110,7 +110,10 @@ class PositionalEncodingGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         feat = tokens_to_map(x, size)
-        return map_to_tokens(conv2d(feat, self.proj[0]) + feat)
+        out = conv2d(feat, self.proj[0])
+        # The convolution's output is fresh and not needed by its backward: add in place.
+        out = out.add_(feat) if out.dtype == feat.dtype else out + feat
+        return map_to_tokens(out)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
