@@ -277,3 +277,15 @@ def test_whole_model_bf16_close_to_native_autocast(monkeypatch):
         native = model(images)
     assert fast.dtype == native.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), native.float(), **BF16_TOL)
+
+
+@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_torch_compile_traces_one_graph(name, precision):
+    """Under torch.compile the fast paths step aside without a graph break (a break splits the
+    model into pieces that recompile for every stage width)."""
+    model = twins.create_model(name).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

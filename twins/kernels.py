@@ -33,6 +33,7 @@ def _cpu_has_native_kernels(probe: str) -> bool:
     return torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, probe)()
 
 
+_MKLDNN = torch.backends.mkldnn.is_available()
 # Whether this CPU has native low-precision kernels (a constant, so torch.compile can inline it).
 _CPU_NATIVE = {torch.bfloat16: _cpu_has_native_kernels("_is_mkldnn_bf16_supported"),
                torch.float16: _cpu_has_native_kernels("_is_mkldnn_fp16_supported")}
@@ -44,9 +45,9 @@ CHUNK_ROWS = 2048
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether the CPU fast paths apply to x (eager CPU; never under tracing or compile)."""
-    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                     or torch.jit.is_scripting()))
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # checked first: torch.compile must not trace the checks below
+    return x.device.type == "cpu" and _MKLDNN
 
 
 def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
