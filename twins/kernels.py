@@ -5,8 +5,9 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
 1. Fresh memory is expensive. PyTorch's CPU allocator has no cache: every large activation
    (above glibc's mmap threshold, at most 32 MiB) is mapped fresh and page-faulted in, and an
    operation that streams a 100 MB activation through memory runs at memory speed, not at
-   matmul speed. The MLP below therefore works through the tokens in chunks whose hidden
-   activations (chunk x 4C) stay in cache and live in buffers allocated once per call.
+   matmul speed. The MLP, the window attention and (at fp32 inference) whole residual
+   branches therefore work through the tokens in chunks whose temporaries stay in cache and
+   live in per-thread scratch buffers reused from call to call.
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
@@ -29,14 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _cpu_has_native_kernels(probe: str) -> bool:
-    return torch.backends.mkldnn.is_available() and getattr(torch.ops.mkldnn, probe)()
-
-
 _MKLDNN = torch.backends.mkldnn.is_available()
 # Whether this CPU has native low-precision kernels (a constant, so torch.compile can inline it).
-_CPU_NATIVE = {torch.bfloat16: _cpu_has_native_kernels("_is_mkldnn_bf16_supported"),
-               torch.float16: _cpu_has_native_kernels("_is_mkldnn_fp16_supported")}
+_CPU_NATIVE = {torch.bfloat16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+               torch.float16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
 # Tokens per chunk of the chunked kernels: the MLP's hidden chunk (2048 x 4C floats, 2 MiB at
 # C = 64) stays in cache and the matmuls still see tall operands.
@@ -95,55 +92,46 @@ def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------ linear
 class _OneDnnLinear(torch.autograd.Function):
-    """y = act(x W^T + b) for training: oneDNN's matmul with the bias in its epilogue, the
-    exact-erf GELU (optional) after it, and the usual matmuls in backward.
-
-    Takes 2-D fp32 x (M, K), W (N, K), b (N,) or None; `gelu` selects the exact-erf GELU.
+    """y = x W^T + b for training: oneDNN's matmul with the bias in its epilogue, and the usual
+    matmuls in backward. Takes 2-D fp32 x (M, K), W (N, K), b (N,) or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gelu: bool):
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        ctx.gelu, ctx.has_bias = gelu, bias is not None
-        ctx.save_for_backward(x, weight, out if gelu else None)  # GELU backward needs its input
-        return F.gelu(out) if gelu else out
+    def forward(ctx, x, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, pre_act = ctx.saved_tensors
-        if ctx.gelu:
-            grad = torch.ops.aten.gelu_backward(grad, pre_act)
+        x, weight = ctx.saved_tensors
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, followed by the exact-erf GELU when `gelu`; the fast path on CPUs.
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`; the fast path on CPUs.
 
-    Same semantics as the plain modules under autocast: the result has the autocast dtype.
+    Same semantics as the plain module under autocast: the result has the autocast dtype.
     Shapes: (..., in_features) -> (..., out_features).
     """
     emulated = emulated_autocast_dtype(x)
     fast = enabled(x)
     if emulated is None and (not fast or x.dtype != torch.float32
                              or torch.is_autocast_enabled(x.device.type)):
-        out = layer(x)
-        return F.gelu(out) if gelu else out
+        return layer(x)
     weight, bias = layer.weight, layer.bias
     x, weight, bias = _round_to(x, emulated), _round_to(weight, emulated), _round_to(bias, emulated)
     x2d = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
     with torch.autocast("cpu", enabled=False):
         if not fast:  # emulation under torch.compile / tracing: standard ops only
             out = F.linear(x2d, weight, bias)
-            out = F.gelu(out) if gelu else out
         elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            out = _OneDnnLinear.apply(x2d, weight, bias, gelu)
+            out = _OneDnnLinear.apply(x2d, weight, bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
-            if gelu:
-                torch.ops.aten.gelu_(out)
     out = out.view(*x.shape[:-1], out.shape[-1])
     return out if emulated is None else out.to(emulated)
 
