@@ -191,13 +191,19 @@ class GlobalSubsampledAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
-        # (B, N, C) -> (B, heads, N, hd), a strided view that SDPA reads without a copy.
-        q = linear(x, self.q).view(B, N, heads, hd).transpose(1, 2)
         kv_src = x
         if self.sr is not None:
             kv_src = self.norm(map_to_tokens(conv2d(tokens_to_map(x, size), self.sr)))  # (B, N', C)
         # (B, N', 2C) -> (2, B, heads, N', hd)
         k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        emulated = emulated_autocast_dtype(x)
+        if (kernels.enabled(x) and self.q.bias is not None and not (self.training and self.attn_drop)
+                and (emulated is not None or x.dtype == torch.float32
+                     and not torch.is_autocast_enabled("cpu"))):
+            # CPU: queries computed and attended a chunk at a time (`kernels.query_chunk_attention`).
+            return self.proj_drop(linear(kernels.query_chunk_attention(x, self.q, k, v), self.proj))
+        # (B, N, C) -> (B, heads, N, hd), a strided view that SDPA reads without a copy.
+        q = linear(x, self.q).view(B, N, heads, hd).transpose(1, 2)
         out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(linear(out, self.proj))
@@ -217,20 +223,13 @@ class GlobalSubsampledAttention(nn.Module):
         # (B, N', 2C) -> (2, B, heads, N', hd)
         k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         out = torch.empty_like(x)
-        rows = min(N, kernels.CHUNK_ROWS)  # query tokens per chunk within an image
-        per_chunk = max(1, kernels.CHUNK_ROWS // N)  # images per chunk
-        q_buf = kernels.scratch("attn.q", min(per_chunk, B) * rows, C, x)
-        attn_buf = kernels.scratch("attn.out", q_buf.shape[0], C, x)
-        for b0, b1 in kernels.chunks(B, per_chunk):
-            for t0, t1 in kernels.chunks(N, rows):
-                n, t = b1 - b0, t1 - t0
-                src = normed[b0:b1, t0:t1].reshape(n * t, C)
-                q = addmm_linear(src, self.q, q_buf[:n * t]).view(n, t, heads, hd).transpose(1, 2)
-                a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
-                a = attn_buf[:n * t].view(n, t, heads, hd).copy_(a.transpose(1, 2))
-                # Either whole images or part of one image: contiguous rows of x and out.
-                addmm_linear(a.view(n * t, C), self.proj, out[b0:b1, t0:t1].view(n * t, C)).add_(
-                    x[b0:b1, t0:t1].reshape(n * t, C))
+        for b0, b1, t0, t1, q in kernels.query_chunks(normed, self.q.weight, self.q.bias, heads):
+            n, t = b1 - b0, t1 - t0
+            a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
+            a = kernels.scratch("attn.out", n * t, C, x).view(n, t, heads, hd).copy_(a.transpose(1, 2))
+            # Either whole images or part of one image: contiguous rows of x and out.
+            addmm_linear(a.view(n * t, C), self.proj, out[b0:b1, t0:t1].view(n * t, C)).add_(
+                x[b0:b1, t0:t1].reshape(n * t, C))
         return out
 
     def extra_repr(self) -> str:

@@ -304,6 +304,81 @@ def window_attention(qkv: torch.Tensor, window: int, heads: int) -> torch.Tensor
     return _WindowAttention.apply(bands, window, heads).view(B, H, W, C3 // 3)
 
 
+class _QueryChunkAttention(torch.autograd.Function):
+    """Global sub-sampled attention from tokens: q = x Wq^T + bq is computed, attended over the
+    (few) keys/values and written out in token layout a chunk of query tokens at a time, so
+    that q never exists at full size; backward recomputes q per chunk.
+
+    Takes x (B, N, C) fp32 tokens, Wq (C, C), bq (C,), k, v (B, heads, N', hd) fp32; returns
+    the (B, N, C) attention output before the output projection. `rounding` rounds q as an
+    emulated-autocast linear would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wq, bq, k, v, rounding):
+        B, N, C = x.shape
+        heads = k.shape[1]
+        out = x.new_empty(B, N, C)
+        lse = x.new_empty(B, heads, N)
+        for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, rounding):
+            o, lse[b0:b1, :, t0:t1] = _flash(q, k[b0:b1], v[b0:b1])
+            out[b0:b1, t0:t1].view(b1 - b0, t1 - t0, heads, -1).copy_(o.transpose(1, 2))
+        ctx.rounding = rounding
+        ctx.save_for_backward(x, wq, bq, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, wq, bq, k, v, out, lse = ctx.saved_tensors
+        C, heads = x.shape[2], k.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_x, grad_wq, grad_bq = torch.empty_like(x), torch.zeros_like(wq), torch.zeros_like(bq)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, ctx.rounding):
+            n, t = b1 - b0, t1 - t0
+            o = out[b0:b1, t0:t1].view(n, t, heads, -1).transpose(1, 2)
+            do = grad_out[b0:b1, t0:t1].view(n, t, heads, -1).transpose(1, 2)
+            dq, dk, dv = _flash_backward(do, q, k[b0:b1], v[b0:b1], o,
+                                         lse[b0:b1, :, t0:t1].contiguous(), 0.0, False)
+            grad_k[b0:b1] += dk  # every query chunk contributes to its images' keys/values
+            grad_v[b0:b1] += dv
+            dq = scratch("gsa.dq", n * t, C, x).view(n, t, heads, -1).copy_(dq.transpose(1, 2))
+            dq = dq.view(n * t, C)
+            grad_wq.addmm_(dq.t(), x[b0:b1, t0:t1].reshape(n * t, C))
+            grad_bq += dq.sum(0)
+            torch.mm(dq, wq, out=grad_x[b0:b1, t0:t1].view(n * t, C))
+        return grad_x, grad_wq, grad_bq, grad_k, grad_v, None
+
+
+def query_chunks(x, wq, bq, heads, rounding=None):
+    """(b0, b1, t0, t1, q) over chunks of whole images or of one image's tokens, q being the
+    (n, heads, t, hd) queries of x[b0:b1, t0:t1], computed into a scratch buffer."""
+    B, N, C = x.shape
+    rows = min(N, CHUNK_ROWS)  # query tokens per chunk within an image
+    per_chunk = max(1, CHUNK_ROWS // N)  # images per chunk
+    buf = scratch("gsa.q", min(per_chunk, B) * rows, C, x)
+    for b0, b1 in chunks(B, per_chunk):
+        for t0, t1 in chunks(N, rows):
+            n, t = b1 - b0, t1 - t0
+            src = x[b0:b1, t0:t1].reshape(n * t, C)
+            q = (torch.mm(src, wq.t(), out=buf[:n * t]) if bq is None
+                 else torch.addmm(bq, src, wq.t(), out=buf[:n * t]))
+            _round_(q, rounding)
+            yield b0, b1, t0, t1, q.view(n, t, heads, C // heads).transpose(1, 2)
+
+
+def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
+                          v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with q = q_layer(x), chunked over query tokens (see
+    `_QueryChunkAttention`); CPU fast path for fp32 or emulated autocast, q_layer with bias.
+    Shapes: x (B, N, C), k, v (B, heads, N', hd) -> (B, N, C)."""
+    rounding = emulated_autocast_dtype(x)
+    x, wq, bq = (_round_to(t, rounding) for t in (x, q_layer.weight, q_layer.bias))
+    with torch.autocast("cpu", enabled=False):
+        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k.float(), v.float(), rounding)
+    return out if rounding is None else out.to(rounding)
+
+
 # --------------------------------------------------------------- whole residual branches
 # At fp32 inference a block is two residual branches, x + Attn(LN(x)) and x + MLP(LN(x)). Run
 # chunk by chunk, each branch reads x once and writes its result once; everything in between
