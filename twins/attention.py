@@ -129,7 +129,7 @@ class LocallyGroupedAttention(nn.Module):
         ws, heads, hd = self.window_size, self.num_heads, self.head_dim
         if H % ws or W % ws:
             return x + self(norm(x), size)
-        wg, band = W // ws, ws * W  # windows per band, tokens per band
+        band = ws * W  # tokens per band
         bands = x.reshape(B * (H // ws), band, C)
         out = torch.empty_like(bands)
         per_chunk = max(1, kernels.CHUNK_ROWS // band)
@@ -139,13 +139,9 @@ class LocallyGroupedAttention(nn.Module):
             n = e - s
             tokens = bands[s:e].view(n * band, C)
             qkv = addmm_linear(layer_norm(tokens, norm), self.qkv, qkv_buf[:n * band])
-            # (n, ws, wg, ws, 3, heads, hd) -> (3, n * wg, heads, ws * ws, hd)
-            qkv = qkv.view(n, ws, wg, ws, 3, heads, hd).permute(4, 0, 2, 5, 1, 3, 6)
-            q, k, v = qkv.reshape(3, n * wg, heads, ws * ws, hd).unbind(0)
-            a = F.scaled_dot_product_attention(q, k, v)
-            # (n * wg, heads, ws, ws, hd) -> (n, ws, wg, ws, heads, hd) = (n * band, C)
-            a = a.view(n, wg, heads, ws, ws, hd).permute(0, 3, 1, 4, 2, 5)
-            a = attn_buf[:n * band].view(n, ws, wg, ws, heads, hd).copy_(a).view(n * band, C)
+            q, k, v = kernels.windows(qkv.view(n, ws, W, 3 * C), heads, hd).unbind(0)
+            a = attn_buf[:n * band]
+            kernels.unwindow_(F.scaled_dot_product_attention(q, k, v), a.view(n, ws, W, C))
             addmm_linear(a, self.proj, out[s:e].view(n * band, C)).add_(tokens)
         return out.view(B, N, C)
 

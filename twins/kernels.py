@@ -232,7 +232,7 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+def windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """(n, ws, W, G * C) bands of tokens -> (G, n * wg, heads, ws * ws, hd) windows (a copy).
 
     G is 3 for q/k/v and 1 for a single tensor; C = heads * hd and wg = W // ws.
@@ -243,7 +243,7 @@ def _windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], n * wg, heads, ws * ws, head_dim)
 
 
-def _unwindow_(windows: torch.Tensor, dst: torch.Tensor) -> None:
+def unwindow_(windows: torch.Tensor, dst: torch.Tensor) -> None:
     """Write (n * wg, heads, ws * ws, hd) windows into `dst`, a (n, ws, W, heads * hd) view."""
     n, ws, W, _ = dst.shape
     wg = W // ws
@@ -269,9 +269,9 @@ class _WindowAttention(torch.autograd.Function):
         out = qkv.new_empty(nb, ws, W, C3 // 3)
         lse = qkv.new_empty(nb * wg, heads, ws * ws)
         for s, e in chunks(nb, per_chunk):
-            q, k, v = _windows(qkv[s:e], heads, hd).unbind(0)
+            q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
             o, lse[s * wg:e * wg] = _flash(q, k, v)
-            _unwindow_(o, out[s:e])
+            unwindow_(o, out[s:e])
         ctx.heads = heads
         ctx.save_for_backward(qkv, out, lse)
         return out
@@ -286,12 +286,12 @@ class _WindowAttention(torch.autograd.Function):
         C = C3 // 3
         heads, hd = ctx.heads, C // ctx.heads
         for s, e in chunks(nb, per_chunk):
-            q, k, v = _windows(qkv[s:e], heads, hd).unbind(0)
-            o = _windows(out[s:e], heads, hd)[0]
-            do = _windows(grad_out[s:e], heads, hd)[0]
+            q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
+            o = windows(out[s:e], heads, hd)[0]
+            do = windows(grad_out[s:e], heads, hd)[0]
             grads = _flash_backward(do, q, k, v, o, lse[s * wg:e * wg], 0.0, False)
             for i, g in enumerate(grads):
-                _unwindow_(g, grad_qkv[s:e, ..., i * C:(i + 1) * C])
+                unwindow_(g, grad_qkv[s:e, ..., i * C:(i + 1) * C])
         return grad_qkv, None, None
 
 
