@@ -402,3 +402,14 @@ def test_eval_leaves_the_training_config_alone(trained, image_folder):
     before = (trained / 'config.yaml').read_text()
     run(*tiny_flags(image_folder, trained), '--eval', '--resume', str(trained / 'checkpoint.pth'))
     assert (trained / 'config.yaml').read_text() == before
+
+
+def test_retain_memory_flag_is_applied_and_a_missing_mallopt_is_named(trained, image_folder, monkeypatch):
+    calls = []
+    monkeypatch.setattr(main.utils, 'retain_freed_memory', lambda: calls.append(True) or True)
+    flags = [*tiny_flags(image_folder), '--eval', '--resume', str(trained / 'checkpoint.pth')]
+    assert run(*flags, '--retain-memory') == run(*flags)  # same evaluation, to the last digit
+    assert calls == [True]
+    monkeypatch.setattr(main.utils, 'retain_freed_memory', lambda: False)
+    with pytest.raises(SystemExit, match='glibc'):
+        run(*flags, '--retain-memory')
