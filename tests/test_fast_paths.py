@@ -82,6 +82,15 @@ def assert_matches(ours, ref, precision):
     torch.testing.assert_close(ours.float(), ref.float(), **tol)
 
 
+def assert_outputs_and_gradients_match(out, ref, inputs):
+    """fp32 outputs, and the gradients of both with respect to `inputs` for one random
+    upstream gradient, agree to fp32 rounding."""
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
 PRECISIONS = ["fp32", "bf16"]
 SIZES = [(7, 7), (9, 13), (5, 3), (8, 12)]  # (8, 12): whole windows of 4, no padding
 
@@ -105,12 +114,7 @@ def test_locally_grouped_attention_gradients_equal_reference(size, chunk_rows):
     m = LocallyGroupedAttention(dim=12, num_heads=3, window_size=4)
     x = torch.randn(2, size[0] * size[1], 12, requires_grad=True)
     params = [x] + list(m.parameters())
-    out = m(x, size)
-    grad = torch.randn_like(out)
-    ref = reference_lsa(m, x, size)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    for g, w in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    assert_outputs_and_gradients_match(m(x, size), reference_lsa(m, x, size), params)
 
 
 @pytest.mark.parametrize("sr_ratio", [1, 2])
@@ -120,12 +124,7 @@ def test_global_subsampled_attention_gradients_equal_reference(sr_ratio, size, c
     m = GlobalSubsampledAttention(dim=12, num_heads=2, sr_ratio=sr_ratio)
     x = torch.randn(3, size[0] * size[1], 12, requires_grad=True)
     params = [x] + list(m.parameters())
-    out = m(x, size)
-    grad = torch.randn_like(out)
-    ref = reference_gsa(m, x, size)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    for g, w in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
-        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    assert_outputs_and_gradients_match(m(x, size), reference_gsa(m, x, size), params)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -94,8 +94,8 @@ class LocallyGroupedAttention(nn.Module):
         # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
         qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         pad_h, pad_w = -H % ws, -W % ws
-        if (kernels.enabled(x) and not (pad_h or pad_w) and not (self.training and self.attn_drop)
-                and (qkv.dtype == torch.float32 or emulated_autocast_dtype(x) is not None)):
+        if (kernels.chunked_applies(x) and not (pad_h or pad_w)
+                and not (self.training and self.attn_drop)):
             # CPU: gather windows chunk by chunk in cache (see `kernels.window_attention`).
             emulated = emulated_autocast_dtype(x)
             out = kernels.window_attention(qkv.float(), ws, heads).view(B, N, C)
@@ -187,15 +187,9 @@ class GlobalSubsampledAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
-        kv_src = x
-        if self.sr is not None:
-            kv_src = self.norm(map_to_tokens(conv2d(tokens_to_map(x, size), self.sr)))  # (B, N', C)
-        # (B, N', 2C) -> (2, B, heads, N', hd)
-        k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        emulated = emulated_autocast_dtype(x)
-        if (kernels.enabled(x) and self.q.bias is not None and not (self.training and self.attn_drop)
-                and (emulated is not None or x.dtype == torch.float32
-                     and not torch.is_autocast_enabled("cpu"))):
+        k, v = self._keys_values(x, size)
+        if (kernels.chunked_applies(x) and self.q.bias is not None
+                and not (self.training and self.attn_drop)):
             # CPU: queries computed and attended a chunk at a time (`kernels.query_chunk_attention`).
             return self.proj_drop(linear(kernels.query_chunk_attention(x, self.q, k, v), self.proj))
         # (B, N, C) -> (B, heads, N, hd), a strided view that SDPA reads without a copy.
@@ -203,6 +197,16 @@ class GlobalSubsampledAttention(nn.Module):
         out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, hd) -> (B, N, C)
         return self.proj_drop(linear(out, self.proj))
+
+    def _keys_values(self, x: torch.Tensor, size: Size) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) tokens -> k, v, each (B, heads, N', hd) strided views of the kv output."""
+        B, _, C = x.shape
+        src = x
+        if self.sr is not None:
+            src = self.norm(map_to_tokens(conv2d(tokens_to_map(x, size), self.sr)))  # (B, N', C)
+        # (B, N', 2C) -> (2, B, heads, N', hd)
+        kv = linear(src, self.kv).view(B, -1, 2, self.num_heads, self.head_dim)
+        return kv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
         """x + self(norm(x), size) at fp32 CPU inference (`kernels.inference_applies`).
@@ -213,11 +217,7 @@ class GlobalSubsampledAttention(nn.Module):
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
         normed = layer_norm(x, norm)
-        kv_src = normed
-        if self.sr is not None:
-            kv_src = layer_norm(map_to_tokens(self.sr(tokens_to_map(normed, size))), self.norm)
-        # (B, N', 2C) -> (2, B, heads, N', hd)
-        k, v = linear(kv_src, self.kv).view(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self._keys_values(normed, size)
         out = torch.empty_like(x)
         for b0, b1, t0, t1, q in kernels.query_chunks(normed, self.q.weight, self.q.bias, heads):
             n, t = b1 - b0, t1 - t0

@@ -47,6 +47,13 @@ def enabled(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _MKLDNN
 
 
+def chunked_applies(x: torch.Tensor) -> bool:
+    """Whether the chunked fp32 kernels take x: eager CPU, and fp32 without autocast or under
+    emulated autocast (they round like a low-precision kernel there)."""
+    return enabled(x) and (emulated_autocast_dtype(x) is not None or x.dtype == torch.float32
+                           and not torch.is_autocast_enabled("cpu"))
+
+
 def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The CPU autocast dtype when this CPU lacks native kernels for it (see above), else None."""
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
@@ -80,6 +87,14 @@ def scratch(slot: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor
     if buf is None or buf.numel() < rows * cols:
         buf = pool[key] = like.new_empty(rows * cols)
     return buf[:rows * cols].view(rows, cols)
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                out: torch.Tensor) -> torch.Tensor:
+    """out = x W^T (+ b) for 2-D x, written into the given buffer (no fresh allocation)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
@@ -153,11 +168,11 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[:e - s]
-        torch.addmm(b1, x[s:e] if norm is None else layer_norm(x[s:e], norm), w1.t(), out=h)
+        linear_into(x[s:e] if norm is None else layer_norm(x[s:e], norm), w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
         _round_(g, rounding)
-        torch.addmm(b2, g, w2.t(), out=out[s:e])
+        linear_into(g, w2, b2, out[s:e])
         if residual:
             out[s:e] += x[s:e]
 
@@ -203,9 +218,7 @@ class _ChunkedMlp(torch.autograd.Function):
 
 def mlp_applies(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
     """Whether `mlp` takes the chunked path for x (else callers use the plain modules)."""
-    return (enabled(x) and fc1.bias is not None and fc2.bias is not None
-            and (x.dtype == torch.float32 or emulated_autocast_dtype(x) is not None)
-            and (emulated_autocast_dtype(x) is not None or not torch.is_autocast_enabled("cpu")))
+    return fc1.bias is not None and fc2.bias is not None and chunked_applies(x)
 
 
 def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
@@ -360,9 +373,7 @@ def query_chunks(x, wq, bq, heads, rounding=None):
     for b0, b1 in chunks(B, per_chunk):
         for t0, t1 in chunks(N, rows):
             n, t = b1 - b0, t1 - t0
-            src = x[b0:b1, t0:t1].reshape(n * t, C)
-            q = (torch.mm(src, wq.t(), out=buf[:n * t]) if bq is None
-                 else torch.addmm(bq, src, wq.t(), out=buf[:n * t]))
+            q = linear_into(x[b0:b1, t0:t1].reshape(n * t, C), wq, bq, buf[:n * t])
             _round_(q, rounding)
             yield b0, b1, t0, t1, q.view(n, t, heads, C // heads).transpose(1, 2)
 
@@ -387,8 +398,7 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
 
 def inference_applies(x: torch.Tensor) -> bool:
     """Whether the chunked residual branches apply: eager fp32 CPU inference, no autocast."""
-    return (enabled(x) and not torch.is_grad_enabled() and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
+    return chunked_applies(x) and not torch.is_grad_enabled() and emulated_autocast_dtype(x) is None
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -397,9 +407,7 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 
 def addmm_linear(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
     """out = layer(x) for 2-D x, written into the given buffer (no fresh allocation)."""
-    if layer.bias is None:
-        return torch.mm(x, layer.weight.t(), out=out)
-    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+    return linear_into(x, layer.weight, layer.bias, out)
 
 
 def mlp_residual(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear,
