@@ -13,6 +13,7 @@ writes logs/benchmark_cpu_small.json and logs/benchmark_cpu_small.md. `main.py -
 reuses `time_inference`.
 """
 import argparse
+import concurrent.futures
 import json
 import multiprocessing
 import platform
@@ -331,6 +332,24 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device) -> D
     return row
 
 
+def _run_config_here(cfg: Config, args: argparse.Namespace) -> Dict:
+    """`run_config` in a fresh process, set up as the parent was."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.retain_memory:
+        retain_freed_memory()
+    return run_config(cfg, args, torch.device(args.device))
+
+
+def run_config_isolated(cfg: Config, args: argparse.Namespace) -> Dict:
+    """`run_config` in a fresh process: on the CPU, how fast a step runs depends on the state
+    of the heap (which activations come from pages already mapped and which are page-faulted
+    in afresh), so in one process a row's figures would depend on the rows run before it."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_run_config_here, cfg, args).result()
+
+
 def ratio(ours: Timing, reference: Timing) -> Dict[str, float]:
     """ours / reference throughput: of the medians, and the median of the per-run ratios.
 
@@ -464,6 +483,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      help="CPU: make glibc keep freed memory for reuse (as jemalloc/tcmalloc would) "
                           "instead of page-faulting fresh activations every step; applies to "
                           "every model in the process")
+    how.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                     help="run each row in a fresh process, so that no row inherits the heap of "
+                          "the rows before it")
     how.add_argument("--seed", type=int, default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="logs")
@@ -485,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
             timm_name(cfg.model)  # fail before any timing when a model has no timm counterpart
     rows: List[Dict] = []
     for cfg in configs:  # results are rewritten after every row: long runs keep what they have
-        rows.append(run_config(cfg, args, device))
+        rows.append(run_config_isolated(cfg, args) if args.isolate else run_config(cfg, args, device))
         path = write_results(rows, args, device, command)
     print("\n" + markdown_table(rows) + f"\nwrote {path} and {path.with_suffix('.md')}")
     return rows

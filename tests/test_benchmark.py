@@ -73,7 +73,7 @@ def test_main_writes_json_and_markdown(tmp_path):
     rows = benchmark.main(["--model", "alt_gvt_micro", "--batch-size", "2", "--img-size", "32",
                            "--precision", "fp32", "bf16", "--mode", "inference", "train",
                            "--warmup", "0", "--runs", "2", "--no-memory", "--profile",
-                           "--output-dir", str(tmp_path), "--name", "unit"])
+                           "--no-isolate", "--output-dir", str(tmp_path), "--name", "unit"])
     data = json.loads((tmp_path / "benchmark_unit.json").read_text())
     assert data["command"].startswith("python benchmark.py --model alt_gvt_micro")
     assert {"torch", "timm", "device", "threads"} <= set(data["environment"])
@@ -93,7 +93,7 @@ def test_main_writes_json_and_markdown(tmp_path):
 def test_compare_timm_on_a_real_timm_model(tmp_path):
     rows = benchmark.main(["--model", "pcpvt_small_v0", "--batch-size", "1", "--img-size", "64",
                            "--warmup", "0", "--runs", "2", "--compare-timm", "--no-memory",
-                           "--output-dir", str(tmp_path), "--name", "timm"])
+                           "--no-isolate", "--output-dir", str(tmp_path), "--name", "timm"])
     row = rows[0]
     assert row["max_logit_diff"] <= 1e-4
     assert row["ratio"]["of_medians"] == pytest.approx(
@@ -106,3 +106,16 @@ def test_cpu_peak_memory_runs_in_a_fresh_process():
     cfg = Config("pcpvt_micro", 2, 32, "fp32", "train")
     memory = benchmark.peak_memory(cfg, "ours", None, torch.device("cpu"), seed=0, warmup=0)
     assert memory["peak"] >= memory["rss_before_step"] > 50 * 2 ** 20  # torch alone is larger
+
+
+def test_rows_run_in_fresh_processes(tmp_path, monkeypatch):
+    """With --isolate (the default) a row runs in a child process: a row computed there comes
+    back whole, and nothing of it runs in this process."""
+    def fail(*args, **kwargs):
+        raise AssertionError("run_config ran in the parent process")
+    monkeypatch.setattr(benchmark, "run_config", fail)  # the spawned child imports its own
+    rows = benchmark.main(["--model", "pcpvt_micro", "--batch-size", "1", "--img-size", "32",
+                           "--warmup", "0", "--runs", "2", "--no-memory", "--threads", "1",
+                           "--output-dir", str(tmp_path), "--name", "isolated"])
+    assert len(rows) == 1 and len(rows[0]["ours"]["timing"]["seconds"]) == 2
+    assert rows[0]["config"]["model"] == "pcpvt_micro"

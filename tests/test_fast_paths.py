@@ -301,3 +301,110 @@ def test_torch_compile_traces_one_graph(name, precision):
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+# ------------------------------------------------------------------ bf16 on either kind of CPU
+@pytest.fixture(params=["native", "emulated"])
+def bf16_kernels(request, monkeypatch):
+    """Run a test as on a CPU with bf16 kernels (AVX512-BF16/AMX: the chunked kernels compute
+    in bf16) and as on one without (AVX2: they compute in fp32 on rounded operands), whatever
+    this machine is; torch's own bf16 kernels run on both, only slower on the second."""
+    native = request.param == "native"
+    monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, native)
+    return request.param
+
+
+def test_compute_dtype_follows_autocast_and_the_cpu(bf16_kernels):
+    x = torch.randn(2, 3)
+    assert kernels.compute_dtype(x) == torch.float32
+    assert kernels.compute_dtype(x.double()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.bfloat16 if bf16_kernels == "native" else torch.float32
+        assert kernels.compute_dtype(x) == want
+        assert kernels.operand(x, x).dtype == want
+        assert torch.equal(kernels.operand(x, x).float(), x.bfloat16().float())
+        assert (kernels.emulated_autocast_dtype(x) is None) == (bf16_kernels == "native")
+
+
+def relative_close(got, want, tol=0.03, msg=""):
+    """Max abs difference within tol of the reference's largest magnitude (bf16 gradients)."""
+    scale = want.float().abs().max().item()
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * scale, f"{msg}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def autocast_grads(module, x, *args):
+    """bf16-autocast output of module(x, *args) and the gradients of a fixed function of it
+    with respect to x and every parameter."""
+    params = [x] + list(module.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, *args)
+    loss = (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum()
+    return [out] + list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lsa", "gsa-sr1", "gsa-sr2"])
+def test_bf16_training_kernels_close_to_torch_bf16(kind, bf16_kernels, chunk_rows, monkeypatch):
+    """Forward and every gradient of the chunked kernels under bf16 autocast against the plain
+    modules on torch's own bf16 kernels."""
+    size = (8, 12)
+    if kind == "mlp":
+        m, args = Mlp(12, 40), ()
+    elif kind == "lsa":
+        m, args = LocallyGroupedAttention(12, num_heads=3, window_size=4), (size,)
+    else:
+        m, args = GlobalSubsampledAttention(12, num_heads=2, sr_ratio=int(kind[-1])), (size,)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, size[0] * size[1], 12, requires_grad=True)
+    fast = autocast_grads(m, x, *args)
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    plain = autocast_grads(m, x, *args)
+    assert fast[0].dtype == plain[0].dtype == torch.bfloat16
+    names = ["out", "x"] + [n for n, _ in m.named_parameters()]
+    for name, f, p in zip(names, fast, plain):
+        assert f.dtype == p.dtype, name
+        relative_close(f, p, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lsa", "gsa-sr1", "gsa-sr2"])
+@pytest.mark.parametrize("size", [(8, 12), (5, 7)])
+def test_bf16_inference_residual_branches_equal_plain(kind, size, bf16_kernels, chunk_rows,
+                                                      monkeypatch):
+    """A whole block at bf16-autocast inference (the chunked residual branches on a CPU with
+    bf16 kernels) against the plain modules."""
+    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
+    block = Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, size[0] * size[1], 12).bfloat16()  # the bf16 residual stream of autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.inference_applies(x) == (bf16_kernels == "native")
+        fast = block(x, size)
+        monkeypatch.setattr(kernels, "enabled", lambda x: False)
+        plain = block(x, size)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    relative_close(fast, plain, tol=0.02)
+
+
+@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
+def test_whole_model_bf16_training_close_to_torch_bf16(name, bf16_kernels, monkeypatch):
+    """Logits and every parameter gradient of a bf16-autocast training step, fast paths against
+    the plain modules on torch's bf16 kernels."""
+    torch.manual_seed(0)
+    model = twins.create_model(name, num_classes=7)
+    images = torch.randn(2, 3, 64, 64)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+        F.cross_entropy(out.float(), torch.tensor([1, 4])).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_out, fast_grads = step()
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    plain_out, plain_grads = step()
+    relative_close(fast_out, plain_out, tol=0.05, msg="logits")
+    for n in plain_grads:
+        relative_close(fast_grads[n], plain_grads[n], tol=0.1, msg=n)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels import addmm_linear, conv2d, emulated_autocast_dtype, layer_norm, linear
+from .kernels import conv2d, emulated_autocast_dtype, layer_norm, linear
 from .layers import map_to_tokens, tokens_to_map
 
 Size = Tuple[int, int]
@@ -96,10 +96,10 @@ class LocallyGroupedAttention(nn.Module):
         pad_h, pad_w = -H % ws, -W % ws
         if (kernels.chunked_applies(x) and not (pad_h or pad_w)
                 and not (self.training and self.attn_drop)):
-            # CPU: gather windows chunk by chunk in cache (see `kernels.window_attention`).
-            emulated = emulated_autocast_dtype(x)
-            out = kernels.window_attention(qkv.float(), ws, heads).view(B, N, C)
-            return self.proj_drop(linear(out if emulated is None else out.to(emulated), self.proj))
+            # CPU: gather windows chunk by chunk in cache (see `kernels.window_attention`),
+            # in fp32 under emulated autocast, with the result rounded back as SDPA's would be.
+            out = kernels.window_attention(qkv.to(kernels.compute_dtype(x)), ws, heads)
+            return self.proj_drop(linear(out.view(B, N, C).to(qkv.dtype), self.proj))
         if pad_h or pad_w:
             qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         hg, wg = (H + pad_h) // ws, (W + pad_w) // ws
@@ -118,7 +118,7 @@ class LocallyGroupedAttention(nn.Module):
         return self.proj_drop(linear(out, self.proj))
 
     def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
-        """x + self(norm(x), size) at fp32 CPU inference (`kernels.inference_applies`).
+        """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`).
 
         Works through bands of whole window rows (ws token rows of one image), a few at a
         time, so that the LayerNorm, q/k/v and attention output of a chunk stay in cache.
@@ -133,16 +133,20 @@ class LocallyGroupedAttention(nn.Module):
         bands = x.reshape(B * (H // ws), band, C)
         out = torch.empty_like(bands)
         per_chunk = max(1, kernels.CHUNK_ROWS // band)
-        qkv_buf = kernels.scratch("attn.qkv", min(per_chunk, bands.shape[0]) * band, 3 * C, x)
-        attn_buf = kernels.scratch("attn.out", qkv_buf.shape[0], C, x)
-        for s, e in kernels.chunks(bands.shape[0], per_chunk):
-            n = e - s
-            tokens = bands[s:e].view(n * band, C)
-            qkv = addmm_linear(layer_norm(tokens, norm), self.qkv, qkv_buf[:n * band])
-            q, k, v = kernels.windows(qkv.view(n, ws, W, 3 * C), heads, hd).unbind(0)
-            a = attn_buf[:n * band]
-            kernels.unwindow_(F.scaled_dot_product_attention(q, k, v), a.view(n, ws, W, C))
-            addmm_linear(a, self.proj, out[s:e].view(n * band, C)).add_(tokens)
+        w_qkv, b_qkv, w_proj, b_proj = (kernels.operand(t, x) for t in (
+            self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias))
+        qkv_buf = kernels.scratch("attn.qkv", min(per_chunk, bands.shape[0]) * band, 3 * C, w_qkv)
+        attn_buf = kernels.scratch("attn.out", qkv_buf.shape[0], C, w_qkv)
+        with torch.autocast("cpu", enabled=False):
+            for s, e in kernels.chunks(bands.shape[0], per_chunk):
+                n = e - s
+                tokens = bands[s:e].view(n * band, C)
+                normed = kernels.cast_chunk(layer_norm(tokens, norm), w_qkv)
+                qkv = kernels.linear_into(normed, w_qkv, b_qkv, qkv_buf[:n * band])
+                q, k, v = kernels.windows(qkv.view(n, ws, W, 3 * C), heads, hd).unbind(0)
+                a = attn_buf[:n * band]
+                kernels.unwindow_(F.scaled_dot_product_attention(q, k, v), a.view(n, ws, W, C))
+                kernels.residual_linear_into(a, w_proj, b_proj, tokens, out[s:e].view(n * band, C))
         return out.view(B, N, C)
 
     def extra_repr(self) -> str:
@@ -209,7 +213,7 @@ class GlobalSubsampledAttention(nn.Module):
         return kv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
-        """x + self(norm(x), size) at fp32 CPU inference (`kernels.inference_applies`).
+        """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`).
 
         Keys and values come from the whole (sub-sampled) map first; queries, attention and
         the output projection then run a few images (or part of one) at a time in cache.
@@ -217,15 +221,20 @@ class GlobalSubsampledAttention(nn.Module):
         B, N, C = x.shape
         heads, hd = self.num_heads, self.head_dim
         normed = layer_norm(x, norm)
-        k, v = self._keys_values(normed, size)
+        k, v = self._keys_values(normed, size)  # in the dtype autocast gives, as the weights
         out = torch.empty_like(x)
-        for b0, b1, t0, t1, q in kernels.query_chunks(normed, self.q.weight, self.q.bias, heads):
-            n, t = b1 - b0, t1 - t0
-            a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
-            a = kernels.scratch("attn.out", n * t, C, x).view(n, t, heads, hd).copy_(a.transpose(1, 2))
-            # Either whole images or part of one image: contiguous rows of x and out.
-            addmm_linear(a.view(n * t, C), self.proj, out[b0:b1, t0:t1].view(n * t, C)).add_(
-                x[b0:b1, t0:t1].reshape(n * t, C))
+        w_q, b_q, w_proj, b_proj = (kernels.operand(t, x) for t in (
+            self.q.weight, self.q.bias, self.proj.weight, self.proj.bias))
+        with torch.autocast("cpu", enabled=False):
+            for b0, b1, t0, t1, q in kernels.query_chunks(normed, w_q, b_q, heads):
+                n, t = b1 - b0, t1 - t0
+                a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
+                a = kernels.scratch("attn.out", n * t, C, w_q).view(n, t, heads, hd).copy_(
+                    a.transpose(1, 2))
+                # Either whole images or part of one image: contiguous rows of x and out.
+                kernels.residual_linear_into(a.view(n * t, C), w_proj, b_proj,
+                                             x[b0:b1, t0:t1].reshape(n * t, C),
+                                             out[b0:b1, t0:t1].view(n * t, C))
         return out
 
     def extra_repr(self) -> str:

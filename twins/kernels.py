@@ -47,11 +47,32 @@ def enabled(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _MKLDNN
 
 
+def compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the chunked kernels compute in for x, or None where they do not apply.
+
+    fp32 for plain fp32 and under emulated autocast (they round like a low-precision kernel
+    there); bf16 under bf16 autocast on a CPU with bf16 kernels (AVX512-BF16/AMX), where they
+    run the same bf16 matmuls as autocast would, on chunk-sized operands.
+    """
+    if not enabled(x):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    dtype = torch.get_autocast_dtype("cpu")
+    if not _CPU_NATIVE.get(dtype, True):
+        return torch.float32  # emulated
+    return dtype if dtype == torch.bfloat16 else None
+
+
 def chunked_applies(x: torch.Tensor) -> bool:
-    """Whether the chunked fp32 kernels take x: eager CPU, and fp32 without autocast or under
-    emulated autocast (they round like a low-precision kernel there)."""
-    return enabled(x) and (emulated_autocast_dtype(x) is not None or x.dtype == torch.float32
-                           and not torch.is_autocast_enabled("cpu"))
+    """Whether the chunked kernels take x (see `compute_dtype`)."""
+    return compute_dtype(x) is not None
+
+
+def operand(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """t as the chunked kernels take it for input x: in `compute_dtype(x)`, and rounded to the
+    autocast dtype under emulation. Differentiable (a cast, as autocast's own)."""
+    return None if t is None else _round_to(t, emulated_autocast_dtype(x)).to(compute_dtype(x))
 
 
 def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -95,6 +116,29 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = residual + (x W^T + b) for 2-D chunks, the product rounded to the compute dtype
+    (the weights') first, as `residual + layer(x)` under autocast; no fresh allocation."""
+    if out.dtype == weight.dtype:
+        return linear_into(x, weight, bias, out).add_(residual)
+    y = linear_into(x, weight, bias, scratch("residual.branch", x.shape[0], weight.shape[0], weight))
+    return torch.add(residual, y, out=out)
+
+
+def cast_chunk(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A chunk in the dtype of `like` (the compute dtype): a cache-sized copy when it differs."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc possibly of a wider dtype (fp32 sums of bf16 products)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += torch.mm(a, b)
 
 
 def chunks(total: int, step: int) -> Iterator[Tuple[int, int]]:
@@ -156,25 +200,28 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
                 residual=False) -> None:
     """out = fc2(GELU(fc1(norm(x)))) (+ x) chunk by chunk, with chunk-sized temporaries.
 
-    x (M, C), out (M, C_out) fp32; `pre` (M, H) receives fc1's output when given (saved for
-    backward), else a chunk-sized buffer holds it. `rounding` rounds fc1's output and the GELU
+    x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
+    (M, H) receives fc1's output when given (saved for backward), else a chunk-sized buffer
+    holds it. `rounding` rounds fc1's output and the GELU
     as bf16/fp16 autocast kernels would (None: plain fp32). `norm` (a LayerNorm applied to each
     chunk first) and `residual` are for inference only.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
-    hidden = scratch("mlp.hidden", rows, H, x)
-    act = scratch("mlp.act", rows, H, x) if pre is not None else hidden
+    hidden = scratch("mlp.hidden", rows, H, w1)  # the weights carry the compute dtype
+    act = scratch("mlp.act", rows, H, w1) if pre is not None else hidden
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[:e - s]
-        linear_into(x[s:e] if norm is None else layer_norm(x[s:e], norm), w1, b1, h)
+        linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], norm), w1),
+                    w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
         _round_(g, rounding)
-        linear_into(g, w2, b2, out[s:e])
         if residual:
-            out[s:e] += x[s:e]
+            residual_linear_into(g, w2, b2, x[s:e], out[s:e])
+        else:
+            linear_into(g, w2, b2, out[s:e])
 
 
 class _ChunkedMlp(torch.autograd.Function):
@@ -196,22 +243,24 @@ class _ChunkedMlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, w1, w2, pre = ctx.saved_tensors
-        grad_out = grad_out.float().contiguous()
+        grad_out = grad_out.to(x.dtype).contiguous()
         M, H = pre.shape
         rows = min(CHUNK_ROWS, M)
         act, grad_h = scratch("mlp.act", rows, H, x), scratch("mlp.grad_h", rows, H, x)
         grad_x = torch.empty_like(x)
-        grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(H)
-        grad_w2, grad_b2 = torch.zeros_like(w2), grad_out.sum(0)
+        # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
+        f32 = torch.float32
+        grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
+        grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0, dtype=f32)
         for s, e in chunks(M, CHUNK_ROWS):
             g, dh, dy = act[:e - s], grad_h[:e - s], grad_out[s:e]
             torch.ops.aten.gelu.out(pre[s:e], out=g)
             _round_(g, ctx.rounding)
-            grad_w2.addmm_(dy.t(), g)
+            accumulate_mm(grad_w2, dy.t(), g)
             torch.mm(dy, w2, out=dh)  # gradient of the GELU output
             torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
-            grad_b1 += dh.sum(0)
-            grad_w1.addmm_(dh.t(), x[s:e])
+            grad_b1 += dh.sum(0, dtype=f32)
+            accumulate_mm(grad_w1, dh.t(), x[s:e])
             torch.mm(dh, w1, out=grad_x[s:e])
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
@@ -228,8 +277,8 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     dtype). Shapes: (..., C) -> (..., C_out).
     """
     rounding = emulated_autocast_dtype(x)
-    x2d = _round_to(x.reshape(-1, x.shape[-1]), rounding).contiguous()  # (..., C) -> (M, C)
-    w1, b1, w2, b2 = (_round_to(t, rounding) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+    x2d = operand(x.reshape(-1, x.shape[-1]), x).contiguous()  # (..., C) -> (M, C)
+    w1, b1, w2, b2 = (operand(t, x) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
     with torch.autocast("cpu", enabled=False):
         if torch.is_grad_enabled() and (x2d.requires_grad or w1.requires_grad):
             out = _ChunkedMlp.apply(x2d, w1, b1, w2, b2, rounding)
@@ -242,7 +291,19 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- window attention
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_flash_backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _flash_backward(do, q, k, v, o, lse):
+    """dq, dk, dv of the CPU flash attention, always computed by its fp32 kernel.
+
+    The bf16 backward kernel runs 4-6x slower than the fp32 one on windows of 49 tokens (AMX
+    machine, measured); bf16 operands are exact in fp32, and a bf16 kernel accumulates in fp32
+    too. The gradients come back in fp32; callers round them where they store them.
+    """
+    if q.dtype != torch.float32:
+        do, q, k, v, o = (t.float() for t in (do, q, k, v, o))
+    return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
 
 
 def windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -271,7 +332,8 @@ class _WindowAttention(torch.autograd.Function):
 
     Windows are gathered per chunk in cache; backward recomputes that gather and writes the
     q/k/v gradients straight into one token-layout tensor (no stacking of three full-size
-    gradients). Takes qkv (nb, ws, W, 3C) fp32, W a multiple of ws; returns (nb, ws, W, C).
+    gradients). Takes qkv (nb, ws, W, 3C) fp32 or bf16 (the compute dtype), W a multiple of
+    ws; returns (nb, ws, W, C) in the same dtype.
     """
 
     @staticmethod
@@ -280,7 +342,7 @@ class _WindowAttention(torch.autograd.Function):
         wg, per_chunk = W // ws, max(1, CHUNK_ROWS // (ws * W))
         hd = C3 // 3 // heads
         out = qkv.new_empty(nb, ws, W, C3 // 3)
-        lse = qkv.new_empty(nb * wg, heads, ws * ws)
+        lse = qkv.new_empty(nb * wg, heads, ws * ws, dtype=torch.float32)
         for s, e in chunks(nb, per_chunk):
             q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
             o, lse[s * wg:e * wg] = _flash(q, k, v)
@@ -302,7 +364,7 @@ class _WindowAttention(torch.autograd.Function):
             q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
             o = windows(out[s:e], heads, hd)[0]
             do = windows(grad_out[s:e], heads, hd)[0]
-            grads = _flash_backward(do, q, k, v, o, lse[s * wg:e * wg], 0.0, False)
+            grads = _flash_backward(do, q, k, v, o, lse[s * wg:e * wg])
             for i, g in enumerate(grads):
                 unwindow_(g, grad_qkv[s:e, ..., i * C:(i + 1) * C])
         return grad_qkv, None, None
@@ -310,8 +372,8 @@ class _WindowAttention(torch.autograd.Function):
 
 def window_attention(qkv: torch.Tensor, window: int, heads: int) -> torch.Tensor:
     """Attention inside window x window windows of a (B, H, W, 3C) q/k/v map whose sides are
-    multiples of `window`; returns the (B, H, W, C) output. CPU fast path (`enabled`), fp32
-    (callers round for emulated autocast)."""
+    multiples of `window`; returns the (B, H, W, C) output. CPU fast path (`enabled`), in the
+    dtype of qkv, `compute_dtype` (callers round for emulated autocast)."""
     B, H, W, C3 = qkv.shape
     bands = qkv.reshape(B * (H // window), window, W, C3)
     return _WindowAttention.apply(bands, window, heads).view(B, H, W, C3 // 3)
@@ -322,9 +384,9 @@ class _QueryChunkAttention(torch.autograd.Function):
     (few) keys/values and written out in token layout a chunk of query tokens at a time, so
     that q never exists at full size; backward recomputes q per chunk.
 
-    Takes x (B, N, C) fp32 tokens, Wq (C, C), bq (C,), k, v (B, heads, N', hd) fp32; returns
-    the (B, N, C) attention output before the output projection. `rounding` rounds q as an
-    emulated-autocast linear would.
+    Takes x (B, N, C) tokens, Wq (C, C), bq (C,), k, v (B, heads, N', hd), all in the compute
+    dtype (fp32 or bf16); returns the (B, N, C) attention output before the output projection.
+    `rounding` rounds q as an emulated-autocast linear would.
     """
 
     @staticmethod
@@ -332,7 +394,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         B, N, C = x.shape
         heads = k.shape[1]
         out = x.new_empty(B, N, C)
-        lse = x.new_empty(B, heads, N)
+        lse = x.new_empty(B, heads, N, dtype=torch.float32)
         for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, rounding):
             o, lse[b0:b1, :, t0:t1] = _flash(q, k[b0:b1], v[b0:b1])
             out[b0:b1, t0:t1].view(b1 - b0, t1 - t0, heads, -1).copy_(o.transpose(1, 2))
@@ -344,21 +406,24 @@ class _QueryChunkAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, wq, bq, k, v, out, lse = ctx.saved_tensors
         C, heads = x.shape[2], k.shape[1]
-        grad_out = grad_out.contiguous()
-        grad_x, grad_wq, grad_bq = torch.empty_like(x), torch.zeros_like(wq), torch.zeros_like(bq)
-        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_out = grad_out.to(x.dtype).contiguous()
+        f32 = torch.float32  # sums over chunks in fp32
+        grad_x = torch.empty_like(x)
+        grad_wq, grad_bq = torch.zeros_like(wq, dtype=f32), torch.zeros_like(bq, dtype=f32)
+        grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
         for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, ctx.rounding):
             n, t = b1 - b0, t1 - t0
             o = out[b0:b1, t0:t1].view(n, t, heads, -1).transpose(1, 2)
             do = grad_out[b0:b1, t0:t1].view(n, t, heads, -1).transpose(1, 2)
             dq, dk, dv = _flash_backward(do, q, k[b0:b1], v[b0:b1], o,
-                                         lse[b0:b1, :, t0:t1].contiguous(), 0.0, False)
+                                         lse[b0:b1, :, t0:t1].contiguous())
             grad_k[b0:b1] += dk  # every query chunk contributes to its images' keys/values
             grad_v[b0:b1] += dv
+            # (n, heads, t, hd) fp32 -> (n * t, C) in the compute dtype, for the matmuls.
             dq = scratch("gsa.dq", n * t, C, x).view(n, t, heads, -1).copy_(dq.transpose(1, 2))
             dq = dq.view(n * t, C)
-            grad_wq.addmm_(dq.t(), x[b0:b1, t0:t1].reshape(n * t, C))
-            grad_bq += dq.sum(0)
+            accumulate_mm(grad_wq, dq.t(), x[b0:b1, t0:t1].reshape(n * t, C))
+            grad_bq += dq.sum(0, dtype=f32)
             torch.mm(dq, wq, out=grad_x[b0:b1, t0:t1].view(n * t, C))
         return grad_x, grad_wq, grad_bq, grad_k, grad_v, None
 
@@ -369,11 +434,11 @@ def query_chunks(x, wq, bq, heads, rounding=None):
     B, N, C = x.shape
     rows = min(N, CHUNK_ROWS)  # query tokens per chunk within an image
     per_chunk = max(1, CHUNK_ROWS // N)  # images per chunk
-    buf = scratch("gsa.q", min(per_chunk, B) * rows, C, x)
+    buf = scratch("gsa.q", min(per_chunk, B) * rows, C, wq)  # q in the weights' dtype
     for b0, b1 in chunks(B, per_chunk):
         for t0, t1 in chunks(N, rows):
             n, t = b1 - b0, t1 - t0
-            q = linear_into(x[b0:b1, t0:t1].reshape(n * t, C), wq, bq, buf[:n * t])
+            q = linear_into(cast_chunk(x[b0:b1, t0:t1].reshape(n * t, C), wq), wq, bq, buf[:n * t])
             _round_(q, rounding)
             yield b0, b1, t0, t1, q.view(n, t, heads, C // heads).transpose(1, 2)
 
@@ -381,12 +446,14 @@ def query_chunks(x, wq, bq, heads, rounding=None):
 def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
                           v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v with q = q_layer(x), chunked over query tokens (see
-    `_QueryChunkAttention`); CPU fast path for fp32 or emulated autocast, q_layer with bias.
-    Shapes: x (B, N, C), k, v (B, heads, N', hd) -> (B, N, C)."""
+    `_QueryChunkAttention`); CPU fast path (`chunked_applies`), q_layer with bias. The result
+    has the dtype the plain modules would give. Shapes: x (B, N, C), k, v (B, heads, N', hd)
+    -> (B, N, C)."""
     rounding = emulated_autocast_dtype(x)
-    x, wq, bq = (_round_to(t, rounding) for t in (x, q_layer.weight, q_layer.bias))
+    dtype = compute_dtype(x)
+    x, wq, bq = (operand(t, x) for t in (x, q_layer.weight, q_layer.bias))
     with torch.autocast("cpu", enabled=False):
-        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k.float(), v.float(), rounding)
+        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k.to(dtype), v.to(dtype), rounding)
     return out if rounding is None else out.to(rounding)
 
 
@@ -397,7 +464,8 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
 
 
 def inference_applies(x: torch.Tensor) -> bool:
-    """Whether the chunked residual branches apply: eager fp32 CPU inference, no autocast."""
+    """Whether the chunked residual branches apply: eager CPU inference in fp32, or under
+    autocast where the CPU has native kernels for it (see `compute_dtype`)."""
     return chunked_applies(x) and not torch.is_grad_enabled() and emulated_autocast_dtype(x) is None
 
 
@@ -405,18 +473,15 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def addmm_linear(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
-    """out = layer(x) for 2-D x, written into the given buffer (no fresh allocation)."""
-    return linear_into(x, layer.weight, layer.bias, out)
-
-
 def mlp_residual(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear,
                  fc2: nn.Linear) -> torch.Tensor:
-    """x + fc2(GELU(fc1(norm(x)))) at fp32 inference (`inference_applies`), chunked over
-    tokens. Shapes: (..., C) -> (..., C)."""
+    """x + fc2(GELU(fc1(norm(x)))) at inference (`inference_applies`), chunked over tokens.
+    Shapes: (..., C) -> (..., C), in the dtype of x (as the plain modules give)."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2d)
-    _mlp_chunks(x2d, fc1.weight, fc1.bias, fc2.weight, fc2.bias, out, norm=norm, residual=True)
+    w1, b1, w2, b2 = (operand(t, x) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+    with torch.autocast("cpu", enabled=False):
+        _mlp_chunks(x2d, w1, b1, w2, b2, out, norm=norm, residual=True)
     return out.view(x.shape)
 
 
