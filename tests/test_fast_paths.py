@@ -301,6 +301,39 @@ def test_torch_compile_traces_one_graph(name, precision):
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+    # At inference the chunked residual branches stay whole in the graph, as custom ops.
+    code = explained.graphs[0].code
+    assert "twins.mlp_residual" in code and "twins.global_attention_residual" in code
+    assert ("twins.window_attention_residual" in code) == name.startswith("alt_gvt")
+
+
+@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_compiled_model_equals_eager(name, precision, bf16_kernels):
+    """torch.compile through AOTAutograd (the custom ops' shape functions, the casts around
+    them) gives the eager logits. 56 x 56 keeps the LSA maps whole windows in every stage."""
+    torch._dynamo.reset()
+    model = twins.create_model(name).eval()
+    images = torch.randn(2, 3, 56, 56)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                enabled=precision == "bf16"):
+        eager, graph = model(images), compiled(images)
+    assert graph.dtype == eager.dtype
+    torch.testing.assert_close(graph.float(), eager.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_in_training_mode_take_the_plain_path_without_autograd(monkeypatch):
+    """The chunked inference branches know no dropout or stochastic depth: a block in training
+    mode under no_grad must not use them."""
+    block = Block(12, num_heads=3, mlp_ratio=2, window_size=4, drop_path=0.5).train()
+    x = torch.randn(2, 8 * 12, 12)
+    for name in ("mlp_residual", "window_attention_residual", "global_attention_residual"):
+        monkeypatch.setattr(kernels, name, lambda *args: pytest.fail("inference branch used"))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = block(x, (8, 12))
+    assert out.shape == x.shape
 
 
 # ------------------------------------------------------------------ bf16 on either kind of CPU

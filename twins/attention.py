@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels import conv2d, emulated_autocast_dtype, layer_norm, linear
+from .kernels import conv2d, emulated_autocast_dtype, linear
 from .layers import map_to_tokens, tokens_to_map
 
 Size = Tuple[int, int]
@@ -118,36 +118,17 @@ class LocallyGroupedAttention(nn.Module):
         return self.proj_drop(linear(out, self.proj))
 
     def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
-        """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`).
-
-        Works through bands of whole window rows (ws token rows of one image), a few at a
-        time, so that the LayerNorm, q/k/v and attention output of a chunk stay in cache.
-        Maps that need padding take the plain path.
-        """
-        B, N, C = x.shape
+        """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`), chunked in
+        cache (`kernels.window_attention_residual`); maps that need padding take the plain
+        path."""
         H, W = size
-        ws, heads, hd = self.window_size, self.num_heads, self.head_dim
+        ws = self.window_size
         if H % ws or W % ws:
             return x + self(norm(x), size)
-        band = ws * W  # tokens per band
-        bands = x.reshape(B * (H // ws), band, C)
-        out = torch.empty_like(bands)
-        per_chunk = max(1, kernels.CHUNK_ROWS // band)
-        w_qkv, b_qkv, w_proj, b_proj = (kernels.operand(t, x) for t in (
-            self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias))
-        qkv_buf = kernels.scratch("attn.qkv", min(per_chunk, bands.shape[0]) * band, 3 * C, w_qkv)
-        attn_buf = kernels.scratch("attn.out", qkv_buf.shape[0], C, w_qkv)
-        with torch.autocast("cpu", enabled=False):
-            for s, e in kernels.chunks(bands.shape[0], per_chunk):
-                n = e - s
-                tokens = bands[s:e].view(n * band, C)
-                normed = kernels.cast_chunk(layer_norm(tokens, norm), w_qkv)
-                qkv = kernels.linear_into(normed, w_qkv, b_qkv, qkv_buf[:n * band])
-                q, k, v = kernels.windows(qkv.view(n, ws, W, 3 * C), heads, hd).unbind(0)
-                a = attn_buf[:n * band]
-                kernels.unwindow_(F.scaled_dot_product_attention(q, k, v), a.view(n, ws, W, C))
-                kernels.residual_linear_into(a, w_proj, b_proj, tokens, out[s:e].view(n * band, C))
-        return out.view(B, N, C)
+        weights = kernels.inference_operands(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                             self.proj.bias)
+        return kernels.window_attention_residual(x, H, W, ws, self.num_heads, norm.weight,
+                                                 norm.bias, norm.eps, *weights)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}"
@@ -216,26 +197,13 @@ class GlobalSubsampledAttention(nn.Module):
         """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`).
 
         Keys and values come from the whole (sub-sampled) map first; queries, attention and
-        the output projection then run a few images (or part of one) at a time in cache.
+        the output projection then run chunk by chunk (`kernels.global_attention_residual`).
         """
-        B, N, C = x.shape
-        heads, hd = self.num_heads, self.head_dim
-        normed = layer_norm(x, norm)
+        normed = norm(x)
         k, v = self._keys_values(normed, size)  # in the dtype autocast gives, as the weights
-        out = torch.empty_like(x)
-        w_q, b_q, w_proj, b_proj = (kernels.operand(t, x) for t in (
-            self.q.weight, self.q.bias, self.proj.weight, self.proj.bias))
-        with torch.autocast("cpu", enabled=False):
-            for b0, b1, t0, t1, q in kernels.query_chunks(normed, w_q, b_q, heads):
-                n, t = b1 - b0, t1 - t0
-                a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
-                a = kernels.scratch("attn.out", n * t, C, w_q).view(n, t, heads, hd).copy_(
-                    a.transpose(1, 2))
-                # Either whole images or part of one image: contiguous rows of x and out.
-                kernels.residual_linear_into(a.view(n * t, C), w_proj, b_proj,
-                                             x[b0:b1, t0:t1].reshape(n * t, C),
-                                             out[b0:b1, t0:t1].view(n * t, C))
-        return out
+        weights = kernels.inference_operands(x, self.q.weight, self.q.bias, self.proj.weight,
+                                             self.proj.bias)
+        return kernels.global_attention_residual(x, normed, k, v, *weights)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

@@ -54,8 +54,11 @@ def compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     there); bf16 under bf16 autocast on a CPU with bf16 kernels (AVX512-BF16/AMX), where they
     run the same bf16 matmuls as autocast would, on chunk-sized operands.
     """
-    if not enabled(x):
-        return None
+    return _kernel_dtype(x) if enabled(x) else None
+
+
+def _kernel_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """`compute_dtype` without the check that the fast paths are enabled."""
     if not torch.is_autocast_enabled("cpu"):
         return torch.float32 if x.dtype == torch.float32 else None
     dtype = torch.get_autocast_dtype("cpu")
@@ -203,8 +206,8 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
     (M, H) receives fc1's output when given (saved for backward), else a chunk-sized buffer
     holds it. `rounding` rounds fc1's output and the GELU
-    as bf16/fp16 autocast kernels would (None: plain fp32). `norm` (a LayerNorm applied to each
-    chunk first) and `residual` are for inference only.
+    as bf16/fp16 autocast kernels would (None: plain fp32). `norm` (the weight, bias and eps of
+    a LayerNorm applied to each chunk first) and `residual` are for inference only.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
@@ -213,7 +216,7 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[:e - s]
-        linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], norm), w1),
+        linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], *norm), w1),
                     w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
@@ -458,31 +461,127 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
 
 
 # --------------------------------------------------------------- whole residual branches
-# At fp32 inference a block is two residual branches, x + Attn(LN(x)) and x + MLP(LN(x)). Run
-# chunk by chunk, each branch reads x once and writes its result once; everything in between
-# (the LayerNorm, q/k/v, the 4C hidden activations) lives in cache-sized buffers.
+# At inference a block is two residual branches, x + Attn(LN(x)) and x + MLP(LN(x)). Run chunk
+# by chunk, each branch reads x once and writes its result once; everything in between (the
+# LayerNorm, q/k/v, the 4C hidden activations) lives in cache-sized buffers. Each branch is a
+# custom op, so that torch.compile keeps it whole: it compiles the code around the branches
+# and calls these kernels, instead of tracing their loops or replacing them by standard ops.
+# The weights come in already cast to the compute dtype (`inference_operands`).
 
 
 def inference_applies(x: torch.Tensor) -> bool:
-    """Whether the chunked residual branches apply: eager CPU inference in fp32, or under
-    autocast where the CPU has native kernels for it (see `compute_dtype`)."""
-    return chunked_applies(x) and not torch.is_grad_enabled() and emulated_autocast_dtype(x) is None
+    """Whether the chunked residual branches apply: CPU inference, eager or under
+    torch.compile (not under export or TorchScript), in fp32 or under autocast where the CPU
+    has native kernels for it (see `compute_dtype`)."""
+    if torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():  # torch.compile calls the ops; exporters get standard ops
+        if torch.compiler.is_exporting() or x.device.type != "cpu" or not _MKLDNN:
+            return False
+    elif not enabled(x):
+        return False
+    return _kernel_dtype(x) is not None and emulated_autocast_dtype(x) is None
 
 
-def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def inference_operands(x: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The tensors in the dtype the residual branches compute in for x (`inference_applies`)."""
+    dtype = _kernel_dtype(x)
+    return tuple(t.to(dtype) for t in tensors)
 
 
-def mlp_residual(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear,
-                 fc2: nn.Linear) -> torch.Tensor:
-    """x + fc2(GELU(fc1(norm(x)))) at inference (`inference_applies`), chunked over tokens.
-    Shapes: (..., C) -> (..., C), in the dtype of x (as the plain modules give)."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _same_as_input(x: torch.Tensor, *args) -> torch.Tensor:
+    """Shape/dtype function of the residual-branch ops for torch.compile's tracing."""
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("twins::mlp_residual", mutates_args=())
+def mlp_residual(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                 b2: torch.Tensor) -> torch.Tensor:
+    """x + fc2(GELU(fc1(LN(x)))) at inference, chunked over tokens (see above); fc weights
+    in the compute dtype. Shapes: (..., C) -> (..., C), in the dtype of x."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2d)
-    w1, b1, w2, b2 = (operand(t, x) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
     with torch.autocast("cpu", enabled=False):
-        _mlp_chunks(x2d, w1, b1, w2, b2, out, norm=norm, residual=True)
+        _mlp_chunks(x2d, w1, b1, w2, b2, out, norm=(ln_weight, ln_bias, eps), residual=True)
     return out.view(x.shape)
+
+
+@torch.library.custom_op("twins::window_attention_residual", mutates_args=())
+def window_attention_residual(x: torch.Tensor, height: int, width: int, window: int, heads: int,
+                              ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                              w_qkv: torch.Tensor, b_qkv: torch.Tensor, w_proj: torch.Tensor,
+                              b_proj: torch.Tensor) -> torch.Tensor:
+    """x + LSA(LN(x)) at inference for a map whose sides are multiples of `window`.
+
+    Works through bands of whole window rows (ws token rows of one image), a few at a time.
+    The normalised tokens are put in window order once, before the qkv projection; q, k and v
+    are then strided views of its output that the attention kernel reads in place, and its
+    output is already laid out for the output projection, whose result returns to token order
+    in the residual add. Shapes: (B, height * width, C) -> the same, in the dtype of x.
+    """
+    B, N, C = x.shape
+    ws, hd = window, C // heads
+    band, wg, L = ws * width, width // ws, ws * ws  # tokens per band, windows per band, per window
+    # (B, N, C) -> (bands, row in window, window, column in window, C), token order.
+    bands = x.contiguous().view(B * (height // ws), ws, wg, ws, C)
+    out = torch.empty_like(bands)
+    per_chunk = max(1, CHUNK_ROWS // band)
+    rows = min(per_chunk, bands.shape[0]) * band
+    win_buf = scratch("attn.windows", rows, C, w_qkv)
+    qkv_buf = scratch("attn.qkv", rows, 3 * C, w_qkv)
+    proj_buf = scratch("attn.proj", rows, C, w_qkv)
+    with torch.autocast("cpu", enabled=False):
+        for s, e in chunks(bands.shape[0], per_chunk):
+            n = e - s
+            tokens = bands[s:e]
+            # Token order -> window order (n, window, row, column, C), in the compute dtype.
+            win = win_buf[:n * band].view(n, wg, ws, ws, C)
+            win.copy_(layer_norm(tokens, ln_weight, ln_bias, eps).permute(0, 2, 1, 3, 4))
+            qkv = linear_into(win.view(n * band, C), w_qkv, b_qkv, qkv_buf[:n * band])
+            # (n * wg, L, 3, heads, hd) -> q, k, v: (n * wg, heads, L, hd) strided views.
+            q, k, v = qkv.view(n * wg, L, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v)  # stored as (n * wg, L, heads, hd)
+            y = linear_into(a.transpose(1, 2).reshape(n * band, C), w_proj, b_proj,
+                            proj_buf[:n * band])
+            # x + branch, the branch taken from window order back to token order.
+            torch.add(tokens, y.view(n, wg, ws, ws, C).permute(0, 2, 1, 3, 4), out=out[s:e])
+    return out.view(B, N, C)
+
+
+@torch.library.custom_op("twins::global_attention_residual", mutates_args=())
+def global_attention_residual(x: torch.Tensor, normed: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor,
+                              w_proj: torch.Tensor, b_proj: torch.Tensor) -> torch.Tensor:
+    """x + proj(softmax(q k^T / sqrt(hd)) v) with q = normed W_q^T + b_q, at inference.
+
+    k, v (B, heads, N', hd) come from the whole (sub-sampled) map; queries, attention and the
+    output projection run a few images (or part of one) at a time in cache.
+    Shapes: x, normed (B, N, C) -> (B, N, C), in the dtype of x.
+    """
+    B, N, C = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    with torch.autocast("cpu", enabled=False):
+        for b0, b1, t0, t1, q in query_chunks(normed, w_q, b_q, k.shape[1]):
+            n, t = b1 - b0, t1 - t0
+            a = F.scaled_dot_product_attention(q, k[b0:b1], v[b0:b1])  # (n, heads, t, hd)
+            # The kernel stores its output as (n, t, heads, hd): (n * t, C) is a view (a copy
+            # only if some backend lays it out otherwise).
+            a = a.transpose(1, 2).reshape(n * t, C)
+            # Either whole images or part of one image: contiguous rows of x and out.
+            residual_linear_into(a, w_proj, b_proj, x[b0:b1, t0:t1].reshape(n * t, C),
+                                 out[b0:b1, t0:t1].view(n * t, C))
+    return out
+
+
+for _op in (mlp_residual, window_attention_residual, global_attention_residual):
+    _op.register_fake(_same_as_input)
 
 
 # ------------------------------------------------------------------------------ convolution

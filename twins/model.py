@@ -48,10 +48,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        if kernels.inference_applies(x) and self.mlp.uses_fast_path(x):
-            # CPU fp32 inference: each residual branch runs chunk by chunk in cache.
+        if not self.training and kernels.inference_applies(x):
+            # CPU inference: each residual branch runs chunk by chunk in cache.
             x = self.attn.forward_residual(x, size, self.norm1)
-            return kernels.mlp_residual(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
+            mlp = self.mlp
+            weights = kernels.inference_operands(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                                 mlp.fc2.bias)
+            return kernels.mlp_residual(x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                        *weights)
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
