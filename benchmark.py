@@ -327,7 +327,8 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device) -> D
     if args.bf16_agreement and amp_dtype is not None:
         gen = torch.Generator().manual_seed(args.seed + 1)
         batch = torch.randn(args.bf16_agreement, 3, cfg.img_size, cfg.img_size, generator=gen)
-        row["top1_agreement"] = top1_agreement(models["ours"], batch.to(device), amp_dtype)
+        for impl in impls:  # timm's figure tells how much of a shortfall random weights cause
+            row[impl]["top1_agreement"] = top1_agreement(models[impl], batch.to(device), amp_dtype)
     print(format_row(row), flush=True)
     return row
 
@@ -382,7 +383,7 @@ def format_row(row: Dict) -> str:
 
 MD_COLUMNS = ("model", "batch", "img", "precision", "mode", "compile", "ch-last", "grad-ckpt",
               "ours img/s (min-max)", "timm img/s (min-max)", "ours/timm", "max abs logit diff",
-              "kernel share ours / timm", "peak MiB ours / timm", "top-1 = fp32")
+              "kernel share ours / timm", "peak MiB ours / timm", "top-1 = fp32 ours / timm")
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -401,7 +402,7 @@ def markdown_table(rows: List[Dict]) -> str:
                  f"{row['max_logit_diff']:.1e}" if "max_logit_diff" in row else "-"]
         cells.append(pair("kernel_share", lambda s: f"{s['kernels']:.0%}"))
         cells.append(pair("memory", lambda m: _mib(m["peak"])))
-        cells.append(f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-")
+        cells.append(pair("top1_agreement", lambda a: f"{a:.1%}"))
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -476,8 +477,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                      help="peak memory of a step (CPU: max RSS of a fresh subprocess per row)")
     how.add_argument("--bf16-agreement", type=int, default=0, metavar="N",
-                     help="for autocast rows: share of N fixed random images whose top-1 class (ours) "
-                          "equals the fp32 one")
+                     help="for autocast rows: share of N fixed random images whose top-1 class "
+                          "equals the fp32 one (ours, and timm's with --compare-timm)")
     how.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     how.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=False,
                      help="CPU: make glibc keep freed memory for reuse (as jemalloc/tcmalloc would) "

@@ -93,7 +93,11 @@ def test_main_writes_json_and_markdown(tmp_path):
 def test_compare_timm_on_a_real_timm_model(tmp_path):
     rows = benchmark.main(["--model", "pcpvt_small_v0", "--batch-size", "1", "--img-size", "64",
                            "--warmup", "0", "--runs", "2", "--compare-timm", "--no-memory",
+                           "--precision", "fp32", "bf16", "--bf16-agreement", "4",
                            "--no-isolate", "--output-dir", str(tmp_path), "--name", "timm"])
+    assert "top1_agreement" not in rows[0]["ours"]  # fp32 row
+    agreement = [rows[1][impl]["top1_agreement"] for impl in ("ours", "timm")]
+    assert all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in agreement)  # shares of 4 images
     row = rows[0]
     assert row["max_logit_diff"] <= 1e-4
     assert row["ratio"]["of_medians"] == pytest.approx(
