@@ -254,7 +254,7 @@ class _ChunkedMlp(torch.autograd.Function):
         # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
         f32 = torch.float32
         grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
-        grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0, dtype=f32)
+        grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
         for s, e in chunks(M, CHUNK_ROWS):
             g, dh, dy = act[:e - s], grad_h[:e - s], grad_out[s:e]
             torch.ops.aten.gelu.out(pre[s:e], out=g)
@@ -262,7 +262,7 @@ class _ChunkedMlp(torch.autograd.Function):
             accumulate_mm(grad_w2, dy.t(), g)
             torch.mm(dy, w2, out=dh)  # gradient of the GELU output
             torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
-            grad_b1 += dh.sum(0, dtype=f32)
+            grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
             accumulate_mm(grad_w1, dh.t(), x[s:e])
             torch.mm(dh, w1, out=grad_x[s:e])
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
@@ -414,6 +414,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_wq, grad_bq = torch.zeros_like(wq, dtype=f32), torch.zeros_like(bq, dtype=f32)
         grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
+        k, v = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
         for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, ctx.rounding):
             n, t = b1 - b0, t1 - t0
             o = out[b0:b1, t0:t1].view(n, t, heads, -1).transpose(1, 2)
@@ -426,7 +427,7 @@ class _QueryChunkAttention(torch.autograd.Function):
             dq = scratch("gsa.dq", n * t, C, x).view(n, t, heads, -1).copy_(dq.transpose(1, 2))
             dq = dq.view(n * t, C)
             accumulate_mm(grad_wq, dq.t(), x[b0:b1, t0:t1].reshape(n * t, C))
-            grad_bq += dq.sum(0, dtype=f32)
+            grad_bq += dq.sum(0)
             torch.mm(dq, wq, out=grad_x[b0:b1, t0:t1].view(n * t, C))
         return grad_x, grad_wq, grad_bq, grad_k, grad_v, None
 
