@@ -3,8 +3,10 @@
 Every configuration (model x batch size x input size x precision x mode) becomes one row: a few
 untimed warm-up steps, then `--runs` timed steps; the row reports the median images/s with the
 min-max spread, the peak memory of a step, and with `--compare-timm` the same figures for timm's
-implementation of the same network loaded with the same weights, timed in the same process with
-the runs interleaved (ours, timm, ours, timm, ...) so that load on the machine hits both alike.
+implementation of the same network loaded with the same weights. By default each implementation
+of each row is timed in a fresh process of its own (ours, timm, ours, timm, ... for `--rounds`
+rounds), so that neither inherits the heap of the other; `--no-isolate` times both in this
+process with the runs interleaved.
 
     python benchmark.py --model alt_gvt_small pcpvt_small_v0 --precision fp32 bf16 \
         --mode inference train --compare-timm --name cpu_small
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -305,57 +307,100 @@ def profile_step(step: Callable, device: torch.device, label: str,
 
 
 # ------------------------------------------------------------------------------------ rows
-def run_config(cfg: Config, args: argparse.Namespace, device: torch.device) -> Dict:
-    """Time (and optionally compare, profile, measure memory of) one configuration."""
+def run_config(cfg: Config, args: argparse.Namespace, device: torch.device,
+               timed: Optional[Sequence[str]] = None, compare: bool = True) -> Dict:
+    """Time (and optionally compare, profile, measure memory of) one configuration.
+
+    timed: the implementations timed here (default: all of the row, interleaved); compare:
+    whether to compute the logit difference and bf16 agreement here (needs every
+    implementation of the row built in this process).
+    """
     impls = IMPLS if args.compare_timm else ("ours",)
-    models = build_models(cfg, impls, device, args.seed)
+    timed = tuple(impls if timed is None else timed)
+    models = build_models(cfg, impls if compare else timed, device, args.seed)
     images, targets = make_inputs(cfg, device, args.seed)
-    row: Dict = {"config": asdict(cfg)}
-    if args.compare_timm:
+    row: Dict = {"config": asdict(cfg), "timed": list(timed)}
+    row.update({impl: {} for impl in impls})
+    if compare and args.compare_timm:
         row["max_logit_diff"] = max_logit_difference(models["ours"], models["timm"], images)
-    steps = {impl: make_step(models[impl], cfg, images, targets) for impl in impls}
-    timings = time_interleaved(steps, cfg.batch_size, device, args.warmup, args.runs)
-    for impl in impls:
-        row[impl] = {"timing": asdict(timings[impl])}
-        if args.profile:
-            row[impl]["kernel_share"] = profile_step(steps[impl], device, f"{impl} {cfg}")
-        if args.memory:
-            row[impl]["memory"] = peak_memory(cfg, impl, steps[impl], device, args.seed)
-    if args.compare_timm:
-        row["ratio"] = ratio(timings["ours"], timings["timm"])
     amp_dtype = PRECISIONS[cfg.precision]
-    if args.bf16_agreement and amp_dtype is not None:
+    if compare and args.bf16_agreement and amp_dtype is not None:
         gen = torch.Generator().manual_seed(args.seed + 1)
         batch = torch.randn(args.bf16_agreement, 3, cfg.img_size, cfg.img_size, generator=gen)
         for impl in impls:  # timm's figure tells how much of a shortfall random weights cause
             row[impl]["top1_agreement"] = top1_agreement(models[impl], batch.to(device), amp_dtype)
-    print(format_row(row), flush=True)
+    models = {impl: models[impl] for impl in timed}  # the others are not kept while timing
+    steps = {impl: make_step(models[impl], cfg, images, targets) for impl in timed}
+    timings = time_interleaved(steps, cfg.batch_size, device, args.warmup, args.runs)
+    for impl in timed:
+        row[impl]["timing"] = asdict(timings[impl])
+        if args.profile:
+            row[impl]["kernel_share"] = profile_step(steps[impl], device, f"{impl} {cfg}")
+        if args.memory:
+            row[impl]["memory"] = peak_memory(cfg, impl, steps[impl], device, args.seed)
+    if set(timed) == set(impls):
+        finish_row(row)
     return row
 
 
-def _run_config_here(cfg: Config, args: argparse.Namespace) -> Dict:
+def finish_row(row: Dict) -> None:
+    """Add the ratio of a row whose implementations are all timed, and print it."""
+    if "timm" in row:
+        row["ratio"] = ratio(Timing(**row["ours"]["timing"]), Timing(**row["timm"]["timing"]))
+    print(format_row(row), flush=True)
+
+
+def _run_config_here(cfg: Config, args: argparse.Namespace, timed: Sequence[str],
+                     compare: bool) -> Dict:
     """`run_config` in a fresh process, set up as the parent was."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.retain_memory:
         retain_freed_memory()
-    return run_config(cfg, args, torch.device(args.device))
+    return run_config(cfg, args, torch.device(args.device), timed, compare)
 
 
 def run_config_isolated(cfg: Config, args: argparse.Namespace) -> Dict:
-    """`run_config` in a fresh process: on the CPU, how fast a step runs depends on the state
-    of the heap (which activations come from pages already mapped and which are page-faulted
-    in afresh), so in one process a row's figures would depend on the rows run before it."""
+    """`run_config` with each implementation timed in a fresh process of its own, ours and
+    timm's processes alternating for `--rounds` rounds; the comparisons run in the first.
+
+    On the CPU how fast a step runs depends on the state of glibc's heap: which activations
+    come from pages already mapped and which are page-faulted in afresh (PyTorch's CPU
+    allocator does not cache). In one process, a model's figures therefore depend on what ran
+    before it, the other implementation included: timm's bf16 training step measured anywhere
+    from 12.8 to 17.5 img/s interleaved with ours. Alone in a process, as in real use, each
+    runs with a heap of its own making.
+    """
+    impls = IMPLS if args.compare_timm else ("ours",)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_run_config_here, cfg, args).result()
+    parts: List[Dict] = []
+    for round_ in range(args.rounds):
+        for impl in impls:
+            part_args = argparse.Namespace(**vars(args))
+            part_args.profile = args.profile and round_ == 0
+            part_args.memory = args.memory and round_ == 0
+            compare = round_ == 0 and impl == impls[0]
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                parts.append(pool.submit(_run_config_here, cfg, part_args, (impl,), compare).result())
+    row = {key: value for key, value in parts[0].items() if key not in impls}
+    row["timed"] = list(impls)
+    for impl in impls:
+        row[impl] = {}
+        for part in parts:  # figures measured once come from the part that measured them
+            for key, value in part[impl].items():
+                row[impl].setdefault(key, value)
+        seconds = [s for part in parts if impl in part["timed"] for s in part[impl]["timing"]["seconds"]]
+        row[impl]["timing"] = asdict(timing_from_seconds(seconds, cfg.batch_size))
+    finish_row(row)
+    return row
 
 
 def ratio(ours: Timing, reference: Timing) -> Dict[str, float]:
     """ours / reference throughput: of the medians, and the median of the per-run ratios.
 
-    Runs are interleaved, so run i of both saw about the same machine load; the per-run ratios
-    are the steadier figure when the load changes during a benchmark.
+    Run i of both ran close in time (interleaved, or in alternating processes), so they saw
+    about the same machine load; the per-run ratios are the steadier figure when the load
+    changes during a benchmark.
     """
     paired = [r / o for o, r in zip(ours.seconds, reference.seconds)]  # rate ratio = time ratio^-1
     return {"of_medians": ours.median / reference.median, "paired_median": statistics.median(paired)}
@@ -471,7 +516,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     how.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     how.add_argument("--runs", type=int, default=5, help="timed steps; the median is reported")
     how.add_argument("--compare-timm", action=argparse.BooleanOptionalAction, default=False,
-                     help="also run timm's twins_* with the same weights, interleaved")
+                     help="also run timm's twins_* with the same weights")
     how.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
                      help="profile one step and report the time share of matmul/conv/attention")
     how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -485,8 +530,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                           "instead of page-faulting fresh activations every step; applies to "
                           "every model in the process")
     how.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                     help="run each row in a fresh process, so that no row inherits the heap of "
-                          "the rows before it")
+                     help="time each implementation of each row in a fresh process of its own "
+                          "(else all in this process, interleaved)")
+    how.add_argument("--rounds", type=int, default=1,
+                     help="with --isolate: alternate ours/timm processes this many times, each "
+                          "timing --runs steps")
     how.add_argument("--seed", type=int, default=0)
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="logs")

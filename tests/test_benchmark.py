@@ -112,14 +112,29 @@ def test_cpu_peak_memory_runs_in_a_fresh_process():
     assert memory["peak"] >= memory["rss_before_step"] > 50 * 2 ** 20  # torch alone is larger
 
 
-def test_rows_run_in_fresh_processes(tmp_path, monkeypatch):
-    """With --isolate (the default) a row runs in a child process: a row computed there comes
-    back whole, and nothing of it runs in this process."""
-    def fail(*args, **kwargs):
+def test_each_implementation_runs_in_fresh_processes(tmp_path, monkeypatch):
+    """With --isolate (the default) ours and timm's model are each timed in child processes of
+    their own, alternating for --rounds rounds; the row that comes back merges their runs."""
+    def parent_only(*args, **kwargs):
         raise AssertionError("run_config ran in the parent process")
-    monkeypatch.setattr(benchmark, "run_config", fail)  # the spawned child imports its own
-    rows = benchmark.main(["--model", "pcpvt_micro", "--batch-size", "1", "--img-size", "32",
-                           "--warmup", "0", "--runs", "2", "--no-memory", "--threads", "1",
-                           "--output-dir", str(tmp_path), "--name", "isolated"])
-    assert len(rows) == 1 and len(rows[0]["ours"]["timing"]["seconds"]) == 2
-    assert rows[0]["config"]["model"] == "pcpvt_micro"
+    monkeypatch.setattr(benchmark, "run_config", parent_only)  # the spawned children import their own
+    rows = benchmark.main(["--model", "pcpvt_small_v0", "--batch-size", "1", "--img-size", "32",
+                           "--warmup", "0", "--runs", "2", "--rounds", "2", "--no-memory",
+                           "--compare-timm", "--threads", "1", "--output-dir", str(tmp_path),
+                           "--name", "isolated"])
+    row = rows[0]
+    assert row["config"]["model"] == "pcpvt_small_v0" and row["timed"] == ["ours", "timm"]
+    for impl in ("ours", "timm"):
+        assert len(row[impl]["timing"]["seconds"]) == 4  # 2 rounds x 2 runs
+    assert row["max_logit_diff"] <= 1e-4
+    assert row["ratio"]["of_medians"] == pytest.approx(
+        row["ours"]["timing"]["median"] / row["timm"]["timing"]["median"])
+
+
+def test_run_config_times_only_the_implementations_asked(monkeypatch):
+    args = benchmark.parse_args(["--model", "pcpvt_small_v0", "--batch-size", "1", "--img-size", "32",
+                                 "--warmup", "0", "--runs", "1", "--no-memory", "--compare-timm"])
+    cfg = benchmark.configs_from_args(args)[0]
+    part = benchmark.run_config(cfg, args, torch.device("cpu"), timed=("timm",), compare=False)
+    assert part["timed"] == ["timm"] and "timing" in part["timm"] and part["ours"] == {}
+    assert "max_logit_diff" not in part and "ratio" not in part
