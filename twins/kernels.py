@@ -5,22 +5,28 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
 1. Fresh memory is expensive. PyTorch's CPU allocator has no cache: every large activation
    (above glibc's mmap threshold, at most 32 MiB) is mapped fresh and page-faulted in, and an
    operation that streams a 100 MB activation through memory runs at memory speed, not at
-   matmul speed. The MLP, the window attention and (at fp32 inference) whole residual
-   branches therefore work through the tokens in chunks whose temporaries stay in cache and
-   live in per-thread scratch buffers reused from call to call.
+   matmul speed. The MLP, the window attention, the global sub-sampled attention and (at
+   inference) whole residual branches therefore work through the tokens in chunks whose
+   temporaries stay in cache and live in per-thread scratch buffers reused from call to call.
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
-   exact-erf GELU too, but its erf epilogue is slower than a separate in-place GELU pass.)
-3. On CPUs without bf16/fp16 instructions (AVX2), low-precision matmuls and convolutions fall
-   back to generic loops 10-20x slower than fp32. There an autocast op is computed in fp32 on
+   exact-erf GELU too, but its erf epilogue is slower than a separate in-place GELU pass, and
+   in bf16 it rounds differently from autocast.)
+3. Low precision depends on the CPU. With bf16 instructions (AVX512-BF16, AMX) the chunked
+   kernels compute in bf16 (`compute_dtype`): the same bf16 matmuls autocast would run, on
+   chunk-sized operands, with parameter gradients summed in fp32; the flash-attention backward
+   runs in fp32 on the exact bf16 operands, PyTorch's bf16 backward kernel being 4-6x slower
+   on 49-token windows. Without them (AVX2), low-precision matmuls and convolutions fall back
+   to generic loops 10-20x slower than fp32; there an autocast op is computed in fp32 on
    operands rounded to the autocast dtype, and its result rounded to that dtype: the numbers a
    native low-precision kernel gives (products of bf16/fp16 values are exact in fp32, and such
    kernels accumulate in fp32), at fp32 speed.
 
-The fast paths run in eager mode on the CPU only: on CUDA the caching allocator and the
-standard kernels already do the right thing, and tracers, exporters and torch.compile must see
-standard aten ops.
+The fast paths run in eager mode on the CPU. Under torch.compile the inference residual
+branches run as custom ops (inductor compiles the code around them); everything else, and
+everything under tracing, export or on CUDA, is standard aten ops: on CUDA the caching
+allocator and the standard kernels already do the right thing.
 """
 import threading
 from typing import Dict, Iterator, Optional, Tuple
