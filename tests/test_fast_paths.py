@@ -354,8 +354,8 @@ def test_compute_dtype_follows_autocast_and_the_cpu(bf16_kernels):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = torch.bfloat16 if bf16_kernels == "native" else torch.float32
         assert kernels.compute_dtype(x) == want
-        assert kernels.operand(x, x).dtype == want
-        assert torch.equal(kernels.operand(x, x).float(), x.bfloat16().float())
+        assert kernels.operands(x, x)[0].dtype == want
+        assert torch.equal(kernels.operands(x, x)[0].float(), x.bfloat16().float())
         assert (kernels.emulated_autocast_dtype(x) is None) == (bf16_kernels == "native")
 
 

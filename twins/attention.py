@@ -125,8 +125,8 @@ class LocallyGroupedAttention(nn.Module):
         ws = self.window_size
         if H % ws or W % ws:
             return x + self(norm(x), size)
-        weights = kernels.inference_operands(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
-                                             self.proj.bias)
+        weights = kernels.operands(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                    self.proj.bias)
         return kernels.window_attention_residual(x, H, W, ws, self.num_heads, norm.weight,
                                                  norm.bias, norm.eps, *weights)
 
@@ -201,8 +201,8 @@ class GlobalSubsampledAttention(nn.Module):
         """
         normed = norm(x)
         k, v = self._keys_values(normed, size)  # in the dtype autocast gives, as the weights
-        weights = kernels.inference_operands(x, self.q.weight, self.q.bias, self.proj.weight,
-                                             self.proj.bias)
+        weights = kernels.operands(x, self.q.weight, self.q.bias, self.proj.weight,
+                                    self.proj.bias)
         return kernels.global_attention_residual(x, normed, k, v, *weights)
 
     def extra_repr(self) -> str:

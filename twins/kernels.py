@@ -78,10 +78,13 @@ def chunked_applies(x: torch.Tensor) -> bool:
     return compute_dtype(x) is not None
 
 
-def operand(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    """t as the chunked kernels take it for input x: in `compute_dtype(x)`, and rounded to the
-    autocast dtype under emulation. Differentiable (a cast, as autocast's own)."""
-    return None if t is None else _round_to(t, emulated_autocast_dtype(x)).to(compute_dtype(x))
+def operands(x: torch.Tensor,
+             *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The tensors as the chunked kernels take them for input x: in the dtype they compute in
+    (`compute_dtype`, also under torch.compile for the inference branches), rounded to the
+    autocast dtype under emulation. Differentiable (casts, as autocast's own)."""
+    rounding, dtype = emulated_autocast_dtype(x), _kernel_dtype(x)
+    return tuple(None if t is None else _round_to(t, rounding).to(dtype) for t in tensors)
 
 
 def emulated_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -211,9 +214,9 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 
     x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
     (M, H) receives fc1's output when given (saved for backward), else a chunk-sized buffer
-    holds it. `rounding` rounds fc1's output and the GELU
-    as bf16/fp16 autocast kernels would (None: plain fp32). `norm` (the weight, bias and eps of
-    a LayerNorm applied to each chunk first) and `residual` are for inference only.
+    holds it. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
+    (None: no rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk
+    first) and `residual` are for inference only.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
@@ -286,8 +289,9 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     dtype). Shapes: (..., C) -> (..., C_out).
     """
     rounding = emulated_autocast_dtype(x)
-    x2d = operand(x.reshape(-1, x.shape[-1]), x).contiguous()  # (..., C) -> (M, C)
-    w1, b1, w2, b2 = (operand(t, x) for t in (fc1.weight, fc1.bias, fc2.weight, fc2.bias))
+    x2d, w1, b1, w2, b2 = operands(x, x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias,
+                                   fc2.weight, fc2.bias)
+    x2d = x2d.contiguous()  # (..., C) -> (M, C)
     with torch.autocast("cpu", enabled=False):
         if torch.is_grad_enabled() and (x2d.requires_grad or w1.requires_grad):
             out = _ChunkedMlp.apply(x2d, w1, b1, w2, b2, rounding)
@@ -460,10 +464,9 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
     has the dtype the plain modules would give. Shapes: x (B, N, C), k, v (B, heads, N', hd)
     -> (B, N, C)."""
     rounding = emulated_autocast_dtype(x)
-    dtype = compute_dtype(x)
-    x, wq, bq = (operand(t, x) for t in (x, q_layer.weight, q_layer.bias))
+    x, wq, bq, k, v = operands(x, x, q_layer.weight, q_layer.bias, k, v)
     with torch.autocast("cpu", enabled=False):
-        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k.to(dtype), v.to(dtype), rounding)
+        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k, v, rounding)
     return out if rounding is None else out.to(rounding)
 
 
@@ -473,7 +476,7 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
 # LayerNorm, q/k/v, the 4C hidden activations) lives in cache-sized buffers. Each branch is a
 # custom op, so that torch.compile keeps it whole: it compiles the code around the branches
 # and calls these kernels, instead of tracing their loops or replacing them by standard ops.
-# The weights come in already cast to the compute dtype (`inference_operands`).
+# The weights come in already cast to the compute dtype (`operands`).
 
 
 def inference_applies(x: torch.Tensor) -> bool:
@@ -488,12 +491,6 @@ def inference_applies(x: torch.Tensor) -> bool:
     elif not enabled(x):
         return False
     return _kernel_dtype(x) is not None and emulated_autocast_dtype(x) is None
-
-
-def inference_operands(x: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The tensors in the dtype the residual branches compute in for x (`inference_applies`)."""
-    dtype = _kernel_dtype(x)
-    return tuple(t.to(dtype) for t in tensors)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

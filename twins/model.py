@@ -52,8 +52,8 @@ class Block(nn.Module):
             # CPU inference: each residual branch runs chunk by chunk in cache.
             x = self.attn.forward_residual(x, size, self.norm1)
             mlp = self.mlp
-            weights = kernels.inference_operands(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                                 mlp.fc2.bias)
+            weights = kernels.operands(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                        mlp.fc2.bias)
             return kernels.mlp_residual(x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                                         *weights)
         x = x + self.drop_path(self.attn(self.norm1(x), size))
