@@ -133,9 +133,11 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = residual + (x W^T + b) for 2-D chunks, the product rounded to the compute dtype
-    (the weights') first, as `residual + layer(x)` under autocast; no fresh allocation."""
-    if out.dtype == weight.dtype:
+    (the weights') first, as `residual + layer(x)` under autocast; no fresh allocation. `out`
+    may be `residual` itself."""
+    if out.dtype == weight.dtype and out.data_ptr() != residual.data_ptr():
         return linear_into(x, weight, bias, out).add_(residual)
+    # Other dtype, or in place (out is the residual): the branch goes through a scratch chunk.
     y = linear_into(x, weight, bias, scratch("residual.branch", x.shape[0], weight.shape[0], weight))
     return torch.add(residual, y, out=out)
 
@@ -216,7 +218,7 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     (M, H) receives fc1's output when given (saved for backward), else a chunk-sized buffer
     holds it. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
     (None: no rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk
-    first) and `residual` are for inference only.
+    first) and `residual` are for inference only; with `residual`, out may be x itself.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
@@ -503,17 +505,39 @@ def _same_as_input(x: torch.Tensor, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("twins::mlp_residual", mutates_args=())
-def mlp_residual(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                 b2: torch.Tensor) -> torch.Tensor:
-    """x + fc2(GELU(fc1(LN(x)))) at inference, chunked over tokens (see above); fc weights
-    in the compute dtype. Shapes: (..., C) -> (..., C), in the dtype of x."""
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(x2d)
+def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str) -> torch.Tensor:
+    """`norm(x)` for fp32 x at eager CPU inference, written into a per-thread scratch buffer
+    instead of freshly mapped memory. The result is overwritten by the next call with the same
+    slot: for temporaries that never leave the caller."""
+    if (not enabled(x) or torch.is_grad_enabled() or x.dtype != torch.float32
+            or not x.is_contiguous()):
+        return norm(x)
+    lead = x.shape[:-1]
+    rows = x.numel() // x.shape[-1]
+    out = scratch(slot, rows, x.shape[-1], x).view(x.shape)
+    stats = scratch(slot + ".stats", 2, rows, x)
+    torch.ops.aten.native_layer_norm.out(x, norm.normalized_shape, norm.weight, norm.bias,
+                                         norm.eps, out0=out, out1=stats[0].view(*lead, 1),
+                                         out2=stats[1].view(*lead, 1))
+    return out
+
+
+@torch.library.custom_op("twins::mlp_residual_", mutates_args=("x",))
+def mlp_residual_(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                  w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    """x += fc2(GELU(fc1(LN(x)))) in place at inference, chunked over tokens (see above): each
+    chunk's branch is computed before the chunk is overwritten. fc weights in the compute
+    dtype; x (..., C) contiguous. For tensors the caller owns (a block's attention output)."""
+    if not x.is_contiguous():
+        raise ValueError("twins::mlp_residual_ updates x in place and needs it contiguous")
+    x2d = x.view(-1, x.shape[-1])
     with torch.autocast("cpu", enabled=False):
-        _mlp_chunks(x2d, w1, b1, w2, b2, out, norm=(ln_weight, ln_bias, eps), residual=True)
-    return out.view(x.shape)
+        _mlp_chunks(x2d, w1, b1, w2, b2, x2d, norm=(ln_weight, ln_bias, eps), residual=True)
+
+
+@mlp_residual_.register_fake
+def _(x, *args) -> None:
+    return None
 
 
 @torch.library.custom_op("twins::window_attention_residual", mutates_args=())
@@ -584,7 +608,7 @@ def global_attention_residual(x: torch.Tensor, normed: torch.Tensor, k: torch.Te
     return out
 
 
-for _op in (mlp_residual, window_attention_residual, global_attention_residual):
+for _op in (window_attention_residual, global_attention_residual):
     _op.register_fake(_same_as_input)
 
 

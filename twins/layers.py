@@ -14,6 +14,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from . import kernels
 from .kernels import conv2d, mlp, mlp_applies
 
 Size = Tuple[int, int]
@@ -84,10 +85,31 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as the official patch embedding
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
+        if not torch.is_grad_enabled() and kernels.chunked_applies(x) and x.shape[0] > 1:
+            return self._forward_by_images(x)
         x = conv2d(x, self.proj)
         size = (x.shape[2], x.shape[3])
+        return self._norm(x), size
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H', W') -> (B, H' * W', C); LayerNorm writes a contiguous result either way.
-        return self.norm(x.flatten(2).transpose(1, 2)), size
+        return self.norm(x.flatten(2).transpose(1, 2))
+
+    def _forward_by_images(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
+        """`forward` a few images at a time (eager CPU inference): the convolution's output and
+        the LayerNorm's input copy stay chunk-sized instead of being mapped fresh for the whole
+        batch, and only the result is. The same operations on each image: the same values, up
+        to the summation order oneDNN picks for the convolution at another batch size."""
+        B, p = x.shape[0], self.patch_size
+        tokens = max(1, (x.shape[2] // p) * (x.shape[3] // p))  # per image
+        out, size = None, None
+        for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // tokens)):
+            y = conv2d(x[b0:b1], self.proj)
+            size = (y.shape[2], y.shape[3])
+            y = self._norm(y)
+            out = y.new_empty(B, *y.shape[1:]) if out is None else out
+            out[b0:b1] = y
+        return out, size
 
 
 class PositionalEncodingGenerator(nn.Module):

@@ -50,12 +50,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         if not self.training and kernels.inference_applies(x):
             # CPU inference: each residual branch runs chunk by chunk in cache.
+            # The attention branch returns a fresh tensor; the MLP branch adds into it in place.
             x = self.attn.forward_residual(x, size, self.norm1)
             mlp = self.mlp
             weights = kernels.operands(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                                         mlp.fc2.bias)
-            return kernels.mlp_residual(x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                        *weights)
+            kernels.mlp_residual_(x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                  *weights)
+            return x
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
