@@ -91,15 +91,18 @@ class LocallyGroupedAttention(nn.Module):
         B, N, C = x.shape
         H, W = size
         ws, heads, hd = self.window_size, self.num_heads, self.head_dim
-        # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
-        qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         pad_h, pad_w = -H % ws, -W % ws
         if (kernels.chunked_applies(x) and not (pad_h or pad_w)
                 and not (self.training and self.attn_drop)):
-            # CPU: gather windows chunk by chunk in cache (see `kernels.window_attention`),
-            # in fp32 under emulated autocast, with the result rounded back as SDPA's would be.
-            out = kernels.window_attention(qkv.to(kernels.compute_dtype(x)), ws, heads)
-            return self.proj_drop(linear(out.view(B, N, C).to(qkv.dtype), self.proj))
+            # CPU: the tokens go to window order once, before the qkv projection, and back
+            # once after the output projection (`kernels.window_attention`); in fp32 under
+            # emulated autocast, with the result rounded back as SDPA's would be.
+            qkv = linear(kernels.to_windows(x, size, ws), self.qkv)
+            out = kernels.window_attention(qkv.to(kernels.compute_dtype(x)), ws * ws, heads)
+            out = linear(out.to(qkv.dtype), self.proj)
+            return self.proj_drop(kernels.from_windows(out, size, ws))
+        # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
+        qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         if pad_h or pad_w:
             qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         hg, wg = (H + pad_h) // ws, (W + pad_w) // ws

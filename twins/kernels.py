@@ -321,77 +321,65 @@ def _flash_backward(do, q, k, v, o, lse):
     return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
 
 
-def windows(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """(n, ws, W, G * C) bands of tokens -> (G, n * wg, heads, ws * ws, hd) windows (a copy).
-
-    G is 3 for q/k/v and 1 for a single tensor; C = heads * hd and wg = W // ws.
-    """
-    n, ws, W, _ = t.shape
-    wg = W // ws
-    t = t.view(n, ws, wg, ws, -1, heads, head_dim).permute(4, 0, 2, 5, 1, 3, 6)
-    return t.reshape(t.shape[0], n * wg, heads, ws * ws, head_dim)
+def to_windows(x: torch.Tensor, size: Tuple[int, int], window: int) -> torch.Tensor:
+    """(B, H * W, C) tokens in row-major order -> (B * windows * ws * ws, C) in window order
+    (window by window, each row-major): one copy. H, W multiples of `window`."""
+    B, N, C = x.shape
+    (H, W), ws = size, window
+    return x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3).reshape(-1, C)
 
 
-def unwindow_(windows: torch.Tensor, dst: torch.Tensor) -> None:
-    """Write (n * wg, heads, ws * ws, hd) windows into `dst`, a (n, ws, W, heads * hd) view."""
-    n, ws, W, _ = dst.shape
-    wg = W // ws
-    heads, hd = windows.shape[1], windows.shape[3]
-    dst.view(n, ws, wg, ws, heads, hd).copy_(
-        windows.reshape(n, wg, heads, ws, ws, hd).permute(0, 3, 1, 4, 2, 5))
+def from_windows(t: torch.Tensor, size: Tuple[int, int], window: int) -> torch.Tensor:
+    """Inverse of `to_windows`: (B * windows * ws * ws, C) -> (B, H * W, C), one copy."""
+    (H, W), ws, C = size, window, t.shape[-1]
+    B = t.shape[0] // (H * W)
+    return t.view(B, H // ws, W // ws, ws, ws, C).transpose(2, 3).reshape(B, H * W, C)
+
+
+def _window_heads(qkv: torch.Tensor, tokens: int, heads: int) -> Tuple[torch.Tensor, ...]:
+    """q, k, v (windows, heads, tokens, hd): strided views of a (windows * tokens, 3C) qkv."""
+    hd = qkv.shape[-1] // 3 // heads
+    return qkv.view(-1, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class _WindowAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(hd)) v inside ws x ws windows, from q/k/v in token layout to the
-    output in token layout, a few bands (window rows) at a time.
+    """softmax(q k^T / sqrt(hd)) v within windows, on a qkv projection already in window
+    order: (windows * tokens, 3C) -> (windows * tokens, C), fp32 or bf16 (the compute dtype).
 
-    Windows are gathered per chunk in cache; backward recomputes that gather and writes the
-    q/k/v gradients straight into one token-layout tensor (no stacking of three full-size
-    gradients). Takes qkv (nb, ws, W, 3C) fp32 or bf16 (the compute dtype), W a multiple of
-    ws; returns (nb, ws, W, C) in the same dtype.
+    q, k and v are strided views of qkv that the flash kernel reads in place, and its output
+    is laid out (windows, tokens, heads, hd), which is (windows * tokens, C): nothing is
+    gathered. Backward works a few windows (contiguous rows) at a time, so that its fp32
+    operands stay in cache, and writes dq, dk, dv straight into one qkv-shaped gradient.
     """
 
     @staticmethod
-    def forward(ctx, qkv, window: int, heads: int):
-        nb, ws, W, C3 = qkv.shape
-        wg, per_chunk = W // ws, max(1, CHUNK_ROWS // (ws * W))
-        hd = C3 // 3 // heads
-        out = qkv.new_empty(nb, ws, W, C3 // 3)
-        lse = qkv.new_empty(nb * wg, heads, ws * ws, dtype=torch.float32)
-        for s, e in chunks(nb, per_chunk):
-            q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
-            o, lse[s * wg:e * wg] = _flash(q, k, v)
-            unwindow_(o, out[s:e])
-        ctx.heads = heads
-        ctx.save_for_backward(qkv, out, lse)
-        return out
+    def forward(ctx, qkv, tokens: int, heads: int):
+        out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
+        ctx.tokens, ctx.heads = tokens, heads
+        ctx.save_for_backward(qkv, out, lse.float())
+        return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3)  # a view
 
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
-        nb, ws, W, C3 = qkv.shape
-        wg, per_chunk = W // ws, max(1, CHUNK_ROWS // (ws * W))
-        grad_out = grad_out.contiguous()
+        L, heads = ctx.tokens, ctx.heads
+        q, k, v = _window_heads(qkv, L, heads)
+        nw, hd = q.shape[0], q.shape[-1]
+        do = grad_out.to(qkv.dtype).reshape(nw, L, heads, hd).transpose(1, 2)
         grad_qkv = torch.empty_like(qkv)
-        C = C3 // 3
-        heads, hd = ctx.heads, C // ctx.heads
-        for s, e in chunks(nb, per_chunk):
-            q, k, v = windows(qkv[s:e], heads, hd).unbind(0)
-            o = windows(out[s:e], heads, hd)[0]
-            do = windows(grad_out[s:e], heads, hd)[0]
-            grads = _flash_backward(do, q, k, v, o, lse[s * wg:e * wg])
-            for i, g in enumerate(grads):
-                unwindow_(g, grad_qkv[s:e, ..., i * C:(i + 1) * C])
+        parts = grad_qkv.view(nw, L, 3, heads, hd).unbind(2)  # each (nw, L, heads, hd)
+        for s, e in chunks(nw, max(1, CHUNK_ROWS // L)):
+            grads = _flash_backward(do[s:e], q[s:e], k[s:e], v[s:e], out[s:e], lse[s:e])
+            for part, g in zip(parts, grads):
+                part[s:e].copy_(g.transpose(1, 2))
         return grad_qkv, None, None
 
 
-def window_attention(qkv: torch.Tensor, window: int, heads: int) -> torch.Tensor:
-    """Attention inside window x window windows of a (B, H, W, 3C) q/k/v map whose sides are
-    multiples of `window`; returns the (B, H, W, C) output. CPU fast path (`enabled`), in the
-    dtype of qkv, `compute_dtype` (callers round for emulated autocast)."""
-    B, H, W, C3 = qkv.shape
-    bands = qkv.reshape(B * (H // window), window, W, C3)
-    return _WindowAttention.apply(bands, window, heads).view(B, H, W, C3 // 3)
+def window_attention(qkv: torch.Tensor, tokens: int, heads: int) -> torch.Tensor:
+    """Attention within each run of `tokens` rows of a (windows * tokens, 3C) q/k/v
+    projection in window order (see `to_windows`); returns (windows * tokens, C) in the same
+    order and dtype, the compute dtype (callers round for emulated autocast). CPU fast path."""
+    return _WindowAttention.apply(qkv, tokens, heads)
 
 
 class _QueryChunkAttention(torch.autograd.Function):
