@@ -2,11 +2,12 @@
 
 Every configuration (model x batch size x input size x precision x mode) becomes one row: a few
 untimed warm-up steps, then `--runs` timed steps; the row reports the median images/s with the
-min-max spread, the peak memory of a step, and with `--compare-timm` the same figures for timm's
-implementation of the same network loaded with the same weights. By default each implementation
-of each row is timed in a fresh process of its own (ours, timm, ours, timm, ... for `--rounds`
-rounds), so that neither inherits the heap of the other; `--no-isolate` times both in this
-process with the runs interleaved.
+min-max spread, the memory page-faulted in per step (fresh pages: on the CPU, where PyTorch's
+allocator does not cache, a large part of the time), the peak memory of a step, and with
+`--compare-timm` the same figures for timm's implementation of the same network loaded with the
+same weights. By default each implementation of each row is timed in a fresh process of its own
+(ours, timm, ours, timm, ... for `--rounds` rounds), so that neither inherits the heap of the
+other; `--no-isolate` times both in this process with the runs interleaved.
 
     python benchmark.py --model alt_gvt_small pcpvt_small_v0 --precision fp32 bf16 \
         --mode inference train --compare-timm --name cpu_small
@@ -24,9 +25,9 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,13 @@ class Timing:
     min: float
     max: float
     seconds: List[float]  # wall time of each timed run
+    # MiB of memory page-faulted in during each timed run (CPU: fresh pages the kernels first
+    # touch; empty where the platform does not count them)
+    faulted_mib: List[float] = field(default_factory=list)
+
+    @property
+    def median_faulted_mib(self) -> Optional[float]:
+        return statistics.median(self.faulted_mib) if self.faulted_mib else None
 
 
 @dataclass
@@ -74,19 +82,29 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
                           enabled=amp_dtype is not None)
 
 
-def timing_from_seconds(seconds: List[float], batch_size: int) -> Timing:
+def timing_from_seconds(seconds: List[float], batch_size: int,
+                        faulted_mib: Sequence[float] = ()) -> Timing:
     """Images/s statistics of runs that each processed `batch_size` images."""
     rates = [batch_size / s for s in seconds]
-    return Timing(statistics.median(rates), min(rates), max(rates), list(seconds))
+    return Timing(statistics.median(rates), min(rates), max(rates), list(seconds),
+                  list(faulted_mib))
 
 
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds taken by fn(), synchronised on CUDA before and after."""
+def _minor_faults() -> int:
+    """Page faults served without I/O so far in this process: mostly fresh memory touched."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
+    """Seconds taken by fn(), synchronised on CUDA before and after, and the MiB of memory
+    page-faulted in meanwhile (host memory; 0 where the OS does not count faults)."""
     synchronize(device)
+    faults = _minor_faults()
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, (_minor_faults() - faults) * resource.getpagesize() / 2 ** 20
 
 
 def time_interleaved(steps: Dict[str, Callable[[], object]], batch_size: int,
@@ -96,10 +114,13 @@ def time_interleaved(steps: Dict[str, Callable[[], object]], batch_size: int,
         for step in steps.values():
             step()
     seconds: Dict[str, List[float]] = {name: [] for name in steps}
+    faulted: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(runs):
         for name, step in steps.items():
-            seconds[name].append(time_call(step, device))
-    return {name: timing_from_seconds(s, batch_size) for name, s in seconds.items()}
+            s, mib = time_call(step, device)
+            seconds[name].append(s)
+            faulted[name].append(mib)
+    return {name: timing_from_seconds(seconds[name], batch_size, faulted[name]) for name in steps}
 
 
 def inference_step(model: nn.Module, images: torch.Tensor,
@@ -389,8 +410,10 @@ def run_config_isolated(cfg: Config, args: argparse.Namespace) -> Dict:
         for part in parts:  # figures measured once come from the part that measured them
             for key, value in part[impl].items():
                 row[impl].setdefault(key, value)
-        seconds = [s for part in parts if impl in part["timed"] for s in part[impl]["timing"]["seconds"]]
-        row[impl]["timing"] = asdict(timing_from_seconds(seconds, cfg.batch_size))
+        timings = [part[impl]["timing"] for part in parts if impl in part["timed"]]
+        row[impl]["timing"] = asdict(timing_from_seconds(
+            [s for t in timings for s in t["seconds"]], cfg.batch_size,
+            [m for t in timings for m in t["faulted_mib"]]))
     finish_row(row)
     return row
 
@@ -414,21 +437,30 @@ def _rate(timing: Dict) -> str:
     return f"{timing['median']:.1f} ({timing['min']:.1f}-{timing['max']:.1f})"
 
 
+def _faulted(timing: Dict) -> str:
+    """Median MiB page-faulted in per timed step, or '-' where not counted."""
+    mib = Timing(**timing).median_faulted_mib
+    return "-" if mib is None else f"{mib:,.0f}"
+
+
 def format_row(row: Dict) -> str:
     """One human-readable line per row for the console."""
     c = row["config"]
     text = (f"{c['model']} b{c['batch_size']} {c['img_size']}px {c['precision']} {c['mode']}"
             f"{' compiled' if c['compile'] else ''}{' channels-last' if c['channels_last'] else ''}"
-            f"{' grad-ckpt' if c['grad_checkpointing'] else ''}: ours {_rate(row['ours']['timing'])} img/s")
+            f"{' grad-ckpt' if c['grad_checkpointing'] else ''}: ours {_rate(row['ours']['timing'])} img/s"
+            f" ({_faulted(row['ours']['timing'])} MiB faulted/step)")
     if "timm" in row:
-        text += (f", timm {_rate(row['timm']['timing'])} img/s, ours/timm "
+        text += (f", timm {_rate(row['timm']['timing'])} img/s"
+                 f" ({_faulted(row['timm']['timing'])} MiB faulted/step), ours/timm "
                  f"{row['ratio']['of_medians']:.2f}x, max|dlogit| {row['max_logit_diff']:.2e}")
     return text
 
 
 MD_COLUMNS = ("model", "batch", "img", "precision", "mode", "compile", "ch-last", "grad-ckpt",
               "ours img/s (min-max)", "timm img/s (min-max)", "ours/timm", "max abs logit diff",
-              "kernel share ours / timm", "peak MiB ours / timm", "top-1 = fp32 ours / timm")
+              "kernel share ours / timm", "faulted MiB/step ours / timm", "peak MiB ours / timm",
+              "top-1 = fp32 ours / timm")
 
 
 def markdown_table(rows: List[Dict]) -> str:
@@ -446,6 +478,7 @@ def markdown_table(rows: List[Dict]) -> str:
                  f"{row['ratio']['of_medians']:.2f}x" if "ratio" in row else "-",
                  f"{row['max_logit_diff']:.1e}" if "max_logit_diff" in row else "-"]
         cells.append(pair("kernel_share", lambda s: f"{s['kernels']:.0%}"))
+        cells.append(pair("timing", _faulted))
         cells.append(pair("memory", lambda m: _mib(m["peak"])))
         cells.append(pair("top1_agreement", lambda a: f"{a:.1%}"))
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
@@ -552,8 +585,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     device = torch.device(args.device)
     configs = configs_from_args(args)
     if args.compare_timm:
-        for cfg in configs:
-            timm_name(cfg.model)  # fail before any timing when a model has no timm counterpart
+        for cfg in configs:  # fail before any timing when a model has no timm counterpart
+            try:
+                timm_name(cfg.model)
+            except ValueError as error:
+                raise SystemExit(f"benchmark.py: error: {error}") from None
     rows: List[Dict] = []
     for cfg in configs:  # results are rewritten after every row: long runs keep what they have
         rows.append(run_config_isolated(cfg, args) if args.isolate else run_config(cfg, args, device))

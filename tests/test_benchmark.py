@@ -1,5 +1,7 @@
 """benchmark.py's own logic, on the micro models (and one real timm model) with tiny runs."""
 import json
+import mmap
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +23,20 @@ def test_ratio_of_medians_and_of_paired_runs():
     r = benchmark.ratio(ours, timm)
     assert r["of_medians"] == pytest.approx(8.0 / 4.0)  # medians 8 and 4 img/s
     assert r["paired_median"] == pytest.approx(2.0)  # per-run ratios 2, 3, 1
+
+
+def test_time_call_counts_the_memory_faulted_in():
+    """A step that touches 64 MiB of freshly mapped memory faults in at least that much."""
+    def touch_fresh_memory():
+        with mmap.mmap(-1, 64 * 2 ** 20) as m:
+            for i in range(0, len(m), mmap.PAGESIZE):
+                m[i] = 1
+    seconds, mib = benchmark.time_call(touch_fresh_memory, torch.device("cpu"))
+    assert seconds > 0 and 64 <= mib < 80
+    assert benchmark.time_call(lambda: None, torch.device("cpu"))[1] < 1
+    timing = benchmark.timing_from_seconds([1.0, 1.0, 1.0], 2, faulted_mib=[3.0, 70.0, 5.0])
+    assert timing.median_faulted_mib == 5.0
+    assert benchmark.timing_from_seconds([1.0], 2).median_faulted_mib is None
 
 
 def test_time_inference_returns_one_timing_per_run():
@@ -67,6 +83,8 @@ def test_fp16_on_cpu_is_refused():
 def test_compare_timm_refuses_models_without_counterpart():
     with pytest.raises(ValueError, match="no counterpart"):
         benchmark.timm_name("alt_gvt_micro")
+    with pytest.raises(SystemExit, match="timm has no counterpart of 'alt_gvt_micro'"):
+        benchmark.main(["--model", "alt_gvt_micro", "--compare-timm", "--runs", "1"])
 
 
 def test_main_writes_json_and_markdown(tmp_path):
@@ -83,10 +101,17 @@ def test_main_writes_json_and_markdown(tmp_path):
                                  mode="inference", compile=False, channels_last=False,
                                  grad_checkpointing=False)
     assert len(row["ours"]["timing"]["seconds"]) == 2 and row["ours"]["timing"]["median"] > 0
+    faulted = row["ours"]["timing"]["faulted_mib"]
+    assert len(faulted) == 2 and all(mib >= 0 for mib in faulted)
     assert 0 < row["ours"]["kernel_share"]["kernels"] <= 1
     table = (tmp_path / "benchmark_unit.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| alt_gvt_micro")]
     assert len(body) == 4 and "| bf16 | train |" in body[3]
+    header = table[2].split(" | ")
+    cells = body[0].split(" | ")
+    assert len(cells) == len(header)
+    faulted_cell = cells[header.index("faulted MiB/step ours / timm")]
+    assert faulted_cell == f"{statistics.median(faulted):,.0f} / -"
     assert table[0].startswith("Command: `python benchmark.py")
 
 
