@@ -5,9 +5,11 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
 1. Fresh memory is expensive. PyTorch's CPU allocator has no cache: every large activation
    (above glibc's mmap threshold, at most 32 MiB) is mapped fresh and page-faulted in, and an
    operation that streams a 100 MB activation through memory runs at memory speed, not at
-   matmul speed. The MLP, the window attention, the global sub-sampled attention and (at
-   inference) whole residual branches therefore work through the tokens in chunks whose
-   temporaries stay in cache and live in per-thread scratch buffers reused from call to call.
+   matmul speed. The MLP, the window attention's backward, the global sub-sampled attention
+   and (at inference) whole residual branches and the patch embedding therefore work through
+   the tokens in chunks whose temporaries stay in cache and live in per-thread scratch buffers
+   reused from call to call; at inference the MLP branch adds into the attention branch's
+   output in place. (`benchmark.py` reports the memory each step faults in.)
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
