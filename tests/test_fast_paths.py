@@ -441,6 +441,7 @@ def test_bf16_training_kernels_close_to_torch_bf16(kind, bf16_kernels, chunk_row
     x = torch.randn(3, size[0] * size[1], 12, requires_grad=True)
     fast = autocast_grads(m, x, *args)
     monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    monkeypatch.setattr(kernels, "flash_attention_applies", lambda q: False)  # torch's own
     plain = autocast_grads(m, x, *args)
     assert fast[0].dtype == plain[0].dtype == torch.bfloat16
     names = ["out", "x"] + [n for n, _ in m.named_parameters()]
@@ -486,7 +487,85 @@ def test_whole_model_bf16_training_close_to_torch_bf16(name, bf16_kernels, monke
 
     fast_out, fast_grads = step()
     monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    monkeypatch.setattr(kernels, "flash_attention_applies", lambda q: False)  # torch's own
     plain_out, plain_grads = step()
     relative_close(fast_out, plain_out, tol=0.05, msg="logits")
     for n in plain_grads:
         relative_close(fast_grads[n], plain_grads[n], tol=0.1, msg=n)
+
+
+# ------------------------------------------- the plain modules' attention in bf16 training
+def token_major(*shape, dtype=torch.bfloat16):
+    """A (B, H, L, D) tensor laid out as (B, L, H, D), as the modules' q/k/v views are."""
+    B, H, L, D = shape
+    return torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "contiguous"])
+def test_flash_attention_op_passes_opcheck(layout):
+    """Schema, fake (shape and stride) functions, autograd registration and AOT dispatch of the
+    custom op, as torch.compile relies on them."""
+    if layout == "token-major":
+        q, k, v = token_major(2, 3, 10, 8), token_major(2, 3, 7, 8), token_major(2, 3, 7, 8)
+    else:
+        q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.bfloat16) for n in (10, 7, 7))
+    for t in (q, k, v):
+        t.requires_grad_()
+    results = torch.library.opcheck(kernels.flash_attention, (q, k, v))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_flash_attention_gradients_are_those_of_exact_attention():
+    """Output and gradients of the op on bf16 q, k, v: fp32 attention on the same values,
+    rounded to bf16, and torch's own bf16 kernel within bf16 precision."""
+    q, k, v = token_major(2, 3, 10, 8), token_major(2, 3, 7, 8), token_major(2, 3, 7, 8)
+    grad = token_major(2, 3, 10, 8)
+
+    def run(fn, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs)
+        return [out] + list(torch.autograd.grad(out, inputs, grad.to(dtype)))
+    ours = run(lambda *t: kernels.flash_attention(*t)[0], torch.bfloat16)
+    exact = run(attention, torch.float32)
+    torch_bf16 = run(F.scaled_dot_product_attention, torch.bfloat16)
+    for name, o, e, t in zip(["out", "dq", "dk", "dv"], ours, exact, torch_bf16):
+        assert o.dtype == torch.bfloat16 and o.shape == e.shape, name
+        torch.testing.assert_close(o, e.bfloat16(), atol=1e-2, rtol=1e-2, msg=name)
+        relative_close(o, t, msg=name)
+
+
+def test_flash_attention_applies_to_bf16_autograd_on_cpus_with_bf16_kernels(bf16_kernels):
+    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert kernels.flash_attention_applies(q) == (bf16_kernels == "native")
+    assert not kernels.flash_attention_applies(q.float())
+    with torch.no_grad():
+        assert not kernels.flash_attention_applies(q)
+
+
+@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
+def test_compiled_bf16_training_uses_the_flash_op_and_matches_eager(name, monkeypatch):
+    """Under torch.compile a bf16 training step runs the plain modules, their attention as
+    `twins::flash_attention` (one graph), with the logits and gradients of the eager step."""
+    monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = twins.create_model(name, num_classes=7)
+    images = torch.randn(2, 3, 56, 56)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert "twins.flash_attention" in explained.graphs[0].code
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(images)
+        F.cross_entropy(out.float(), torch.tensor([1, 4])).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    compiled_out, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)  # eager, the same plain modules
+    eager_out, eager_grads = step(model)
+    torch.testing.assert_close(compiled_out, eager_out, atol=0, rtol=0)
+    for n in eager_grads:
+        torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-6, rtol=1e-5, msg=n)

@@ -52,6 +52,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     """
     emulated = emulated_autocast_dtype(q)
     if emulated is None:
+        if mask is None and dropout_p == 0.0 and kernels.flash_attention_applies(q):
+            return kernels.flash_attention(q, k, v)[0]  # same forward, fp32-kernel backward
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
@@ -106,13 +108,16 @@ class LocallyGroupedAttention(nn.Module):
         if pad_h or pad_w:
             qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         hg, wg = (H + pad_h) // ws, (W + pad_w) // ws
-        # (B, hg*ws, wg*ws, 3C) -> (3, B*hg*wg, heads, ws*ws, hd): the single gather copy in.
-        qkv = qkv.view(B, hg, ws, wg, ws, 3, heads, hd).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        q, k, v = qkv.reshape(3, B * hg * wg, heads, ws * ws, hd).unbind(0)
+        # (B, hg*ws, wg*ws, 3C) -> (3, B*hg*wg, ws*ws, heads, hd): the single gather copy in;
+        # q, k, v are (B*hg*wg, heads, ws*ws, hd) views of it, laid out token-major.
+        qkv = qkv.view(B, hg, ws, wg, ws, 3, heads, hd).permute(5, 0, 1, 3, 2, 4, 6, 7)
+        q, k, v = qkv.reshape(3, B * hg * wg, ws * ws, heads, hd).transpose(2, 3).unbind(0)
         mask = _window_key_mask(size, ws, B, x.device) if pad_h or pad_w else None
         out = attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
-        # (B*hg*wg, heads, ws*ws, hd) -> (B, hg*ws, wg*ws, C): the single copy out.
-        out = out.view(B, hg, wg, heads, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
+        # (B*hg*wg, heads, ws*ws, hd) -> (B, hg*ws, wg*ws, C): the single copy out (the
+        # kernels write their output token-major for token-major queries, so the first
+        # reshape is a view).
+        out = out.transpose(1, 2).reshape(B, hg, wg, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
         out = out.reshape(B, hg * ws, wg * ws, C)
         if pad_h or pad_w:
             out = out[:, :H, :W].reshape(B, N, C)

@@ -323,6 +323,75 @@ def _flash_backward(do, q, k, v, o, lse):
     return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
 
 
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """t (B, H, L, D) laid out as (B, L, H, D) in memory, the layout the CPU flash kernels
+    write for such inputs (a copy only when t is laid out otherwise)."""
+    if t.transpose(1, 2).is_contiguous():
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _token_major_like(t: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                      last: Optional[int] = None) -> torch.Tensor:
+    B, H, L, D = t.shape
+    return t.new_empty(B, L, H, D if last is None else last, dtype=dtype).transpose(1, 2)
+
+
+@torch.library.custom_op("twins::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hd)) v with the CPU flash kernel, and its fp32 log-sum-exp; the
+    backward runs the fp32 kernel (`_flash_backward`). For bf16 training on the CPU, in eager
+    mode and under torch.compile alike (the plain modules' attention; the chunked kernels call
+    the same pieces themselves). Shapes: q (B, heads, L, hd), k, v (B, heads, M, hd) -> out
+    (B, heads, L, hd) laid out as (B, L, heads, hd), lse (B, heads, L)."""
+    out, lse = _flash(q, k, v)[:2]
+    return _token_major(out), _token_major(lse.unsqueeze(-1)).squeeze(-1)
+
+
+@flash_attention.register_fake
+def _(q, k, v):
+    return (_token_major_like(q, last=v.shape[-1]),
+            _token_major_like(q, torch.float32, last=1).squeeze(-1))
+
+
+@torch.library.custom_op("twins::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of `flash_attention` from the fp32 kernel, in the dtypes of q, k, v and laid
+    out as (B, L, heads, hd)."""
+    grads = _flash_backward(grad_out, q, k, v, out, lse)
+    return tuple(_token_major(g.to(t.dtype)) for g, t in zip(grads, (q, k, v)))
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse):
+    return tuple(_token_major_like(t) for t in (q, k, v))
+
+
+def _flash_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _flash_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return flash_attention_backward(grad_out, q, k, v, out, lse)
+
+
+flash_attention.register_autograd(_flash_attention_grad, setup_context=_flash_attention_setup)
+
+
+def flash_attention_applies(q: torch.Tensor) -> bool:
+    """Whether the plain modules' attention should run as `flash_attention`: bf16 autograd on
+    a CPU with bf16 kernels, where PyTorch's own bf16 backward is the slow one."""
+    if not torch.is_grad_enabled() or q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting():
+        return False
+    return _MKLDNN and _CPU_NATIVE[torch.bfloat16]
+
+
 def to_windows(x: torch.Tensor, size: Tuple[int, int], window: int) -> torch.Tensor:
     """(B, H * W, C) tokens in row-major order -> (B * windows * ws * ws, C) in window order
     (window by window, each row-major): one copy. H, W multiples of `window`."""
