@@ -195,12 +195,17 @@ def test_scratch_buffers_are_reused_per_slot_and_mode():
     assert not kernels.scratch("test.a", 4, 6, like).is_inference()
 
 
+def inference_block(kind):
+    """A small block in eval mode with LSA (windows of 4) or GSA (sub-sampling 1 or 2)."""
+    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
+    return Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+
+
 @pytest.mark.parametrize("kind", ["lsa", "gsa-sr1", "gsa-sr2"])
 @pytest.mark.parametrize("size", [(8, 12), (5, 7), (9, 4)])
 def test_block_inference_residual_branches_equal_plain(kind, size, chunk_rows, monkeypatch):
     """The chunked x + Attn(LN(x)) and x + MLP(LN(x)) of fp32 inference against plain modules."""
-    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
-    block = Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+    block = inference_block(kind)
     for p in block.parameters():  # non-trivial LayerNorm affine and biases
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(3, size[0] * size[1], 12)
@@ -218,8 +223,7 @@ def test_block_inference_residual_branches_equal_plain(kind, size, chunk_rows, m
 def test_block_inference_leaves_its_input_untouched(kind, precision, chunk_rows):
     """The MLP branch adds into the attention branch's output in place; the block's input (a
     tensor the caller may still hold) must come out unchanged."""
-    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
-    block = Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+    block = inference_block(kind)
     x = torch.randn(3, 8 * 12, 12)
     before = x.clone()
     with torch.inference_mode():
@@ -456,8 +460,7 @@ def test_bf16_inference_residual_branches_equal_plain(kind, size, bf16_kernels, 
                                                       monkeypatch):
     """A whole block at bf16-autocast inference (the chunked residual branches on a CPU with
     bf16 kernels) against the plain modules."""
-    window, sr = {"lsa": (4, 1), "gsa-sr1": (0, 1), "gsa-sr2": (0, 2)}[kind]
-    block = Block(12, num_heads=3, mlp_ratio=2, window_size=window, sr_ratio=sr).eval()
+    block = inference_block(kind)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(3, size[0] * size[1], 12).bfloat16()  # the bf16 residual stream of autocast

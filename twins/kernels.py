@@ -613,7 +613,7 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
     in the residual add. Shapes: (B, height * width, C) -> the same, in the dtype of x.
     """
     B, N, C = x.shape
-    ws, hd = window, C // heads
+    ws = window
     band, wg, L = ws * width, width // ws, ws * ws  # tokens per band, windows per band, per window
     # (B, N, C) -> (bands, row in window, window, column in window, C), token order.
     bands = x.contiguous().view(B * (height // ws), ws, wg, ws, C)
@@ -631,8 +631,7 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
             win = win_buf[:n * band].view(n, wg, ws, ws, C)
             win.copy_(layer_norm(tokens, ln_weight, ln_bias, eps).permute(0, 2, 1, 3, 4))
             qkv = linear_into(win.view(n * band, C), w_qkv, b_qkv, qkv_buf[:n * band])
-            # (n * wg, L, 3, heads, hd) -> q, k, v: (n * wg, heads, L, hd) strided views.
-            q, k, v = qkv.view(n * wg, L, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = _window_heads(qkv, L, heads)  # (n * wg, heads, L, hd) strided views
             a = F.scaled_dot_product_attention(q, k, v)  # stored as (n * wg, L, heads, hd)
             y = linear_into(a.transpose(1, 2).reshape(n * band, C), w_proj, b_proj,
                             proj_buf[:n * band])
