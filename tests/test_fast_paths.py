@@ -4,6 +4,8 @@ The references below use only F.linear, F.conv2d, F.layer_norm, explicit softmax
 an explicit token-to-token mask for the windows, on small inputs with odd sizes, in fp32 and
 under bf16 autocast (where the fast paths emulate bf16 kernels in fp32 on CPUs without them).
 """
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,88 @@ def test_scratch_buffers_are_reused_per_slot_and_mode():
         inf = kernels.scratch("test.a", 4, 6, like)
         assert inf.is_inference() and inf.data_ptr() != bigger.data_ptr()
     assert not kernels.scratch("test.a", 4, 6, like).is_inference()
+
+
+def pooled(shape, dtype=torch.float32):
+    """The storages pooled for tensors of this size and dtype."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    return kernels._REUSABLE.storages.get((nbytes, torch.device("cpu")), [])
+
+
+def test_reusable_buffers_are_handed_out_again_only_when_unreferenced():
+    like, shape = torch.zeros(1), (13, 17, 3)  # a size no other test pools
+    a = kernels.reusable_empty(shape, like)
+    ptr = a.data_ptr()
+    b = kernels.reusable_empty(shape, like)
+    assert b.data_ptr() != ptr  # a is alive
+    view = a[1:]
+    del a
+    assert kernels.reusable_empty(shape, like).data_ptr() not in (ptr, b.data_ptr())  # a view
+    del view
+    c = kernels.reusable_empty((17, 39), like, torch.int32)  # same bytes, another shape and dtype
+    assert c.data_ptr() == ptr and c.shape == (17, 39) and c.dtype == torch.int32
+    assert c._base is None and c.is_contiguous()  # not a view: in-place ops are safe in autograd
+    assert len(pooled(shape)) == 3
+    with kernels.allocate_plainly():
+        del c
+        d = kernels.reusable_empty(shape, like)
+    assert len(pooled(shape)) == 3 and all(s.data_ptr() != d.data_ptr() for s in pooled(shape))
+    assert kernels.reuse_enabled()
+
+
+def test_reusable_buffers_beyond_the_bytes_in_use_are_released():
+    like, shape = torch.zeros(1), (11, 19, 3)
+    kept = kernels.reusable_empty(shape, like)
+    kernels.reusable_empty(shape, like)  # pooled, and free again at once
+    assert len(pooled(shape)) == 2
+    for n in range(1, 100):  # other sizes, each asked for once (input size changing)
+        kernels.reusable_empty((n, 1000), like)
+    # The free storage of the old size went first; the one in use stays.
+    assert [s.data_ptr() for s in pooled(shape)] == [kept.data_ptr()]
+    free = busy = 0
+    for (nbytes, _), storages in kernels._REUSABLE.storages.items():
+        for s in storages:
+            if torch._C._storage_Use_Count(s._cdata) == 1:
+                free += nbytes
+            else:
+                busy += nbytes
+    assert free <= busy + 99 * 1000 * 4  # at most the last size beyond the bytes in use
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grad_checkpointed_blocks_allocate_plainly(checkpointing):
+    """Checkpointing is for saving memory: its blocks keep no pooled buffers mapped."""
+    model = twins.create_model("alt_gvt_micro", num_classes=5)
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 56, 56)
+    pools = []
+
+    def step():  # in a thread of its own, whose pool starts empty
+        model(x).sum().backward()
+        pools.append(dict(kernels._REUSABLE.storages))
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    # Every kernel that pools runs inside a block.
+    assert (len(pools[0]) == 0) == checkpointing
+
+
+def test_two_forwards_before_one_backward_keep_their_saved_activations(monkeypatch):
+    """Pooled buffers saved for backward are not reused by a second forward pass."""
+    model = twins.create_model("alt_gvt_micro", num_classes=5)
+    x1, x2 = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        (model(x1).square().sum() + model(x2).logsumexp(1).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast = grads()
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    plain = grads()
+    for n in plain:
+        torch.testing.assert_close(fast[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def inference_block(kind):

@@ -9,7 +9,10 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
    and (at inference) whole residual branches and the patch embedding therefore work through
    the tokens in chunks whose temporaries stay in cache and live in per-thread scratch buffers
    reused from call to call; at inference the MLP branch adds into the attention branch's
-   output in place. (`benchmark.py` reports the memory each step faults in.)
+   output in place. In training, the full-size tensors these kernels allocate every step
+   (outputs, saved activations, input gradients) come from a pool of storages, each reused
+   once nothing refers to it any more (`reusable_empty`). (`benchmark.py` reports the memory
+   each step faults in.)
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
@@ -30,6 +33,8 @@ branches run as custom ops (inductor compiles the code around them); everything 
 everything under tracing, export or on CUDA, is standard aten ops: on CUDA the caching
 allocator and the standard kernels already do the right thing.
 """
+import contextlib
+import math
 import threading
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -124,6 +129,98 @@ def scratch(slot: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor
     return buf[:rows * cols].view(rows, cols)
 
 
+# The reference count of a storage (every tensor, view, saved tensor and gradient on it holds
+# one); None where this PyTorch lacks it, and `reusable_empty` then allocates afresh.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Reusable(threading.local):
+    """Per thread: the storages `reusable_empty` hands out, by (bytes, device), and the call
+    count at which each size was last asked for."""
+
+    def __init__(self):
+        self.enabled = True  # False within `allocate_plainly`
+        self.storages: Dict[Tuple[int, torch.device], list] = {}
+        self.last_call: Dict[Tuple[int, torch.device], int] = {}
+        self.calls = 0
+
+
+_REUSABLE = _Reusable()
+
+
+@contextlib.contextmanager
+def allocate_plainly() -> Iterator[None]:
+    """Within: `reusable_empty` allocates afresh, in this thread, also in the backward of what
+    runs within. For gradient-checkpointed blocks, whose point is to hold no memory between
+    blocks: the pooled buffers of every size would stay mapped."""
+    pool = _REUSABLE
+    before, pool.enabled = pool.enabled, False
+    try:
+        yield
+    finally:
+        pool.enabled = before
+
+
+def reuse_enabled() -> bool:
+    """Whether `reusable_empty` pools in this thread now (see `allocate_plainly`); training
+    kernels record it in forward for their backward."""
+    return _REUSABLE.enabled
+
+
+def reusable_empty(shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                   reuse: Optional[bool] = None) -> torch.Tensor:
+    """`like.new_empty(shape, dtype=dtype)`, in memory that is already paged in when it can
+    be: for the full-size tensors the training kernels allocate every step (their outputs,
+    the activations they save, the input gradients of their backward).
+
+    A caching allocator for these tensors, as CUDA's is for every tensor. Each storage stays
+    in a per-thread pool and is handed out again only when the pool's reference is the last
+    one: no tensor, view, saved tensor or gradient still uses it, so a buffer is never shared.
+    Free storages beyond the bytes in use are released (`_release_free`). With `reuse` False
+    (default: `reuse_enabled()`) the tensor is allocated afresh.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if _storage_use_count is None or not (reuse_enabled() if reuse is None else reuse):
+        return like.new_empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    key = (nbytes, like.device)
+    pool = _REUSABLE
+    storages = pool.storages.get(key, [])
+    storage = next((s for s in storages if _storage_use_count(s._cdata) == 1), None)
+    if storage is None:
+        _release_free(pool)
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=like.device).untyped_storage()
+        pool.storages.setdefault(key, []).append(storage)
+    pool.calls += 1
+    pool.last_call[key] = pool.calls
+    return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape)
+
+
+def _release_free(pool: _Reusable) -> None:
+    """Before a new storage is pooled: release free storages, least recently asked-for sizes
+    first, until the free bytes no longer exceed the bytes in use. Training at one input size
+    stops asking for new storages after its first step; when the size changes, the storages
+    of the old size go."""
+    free, busy = [], 0
+    for key, storages in pool.storages.items():
+        for s in storages:
+            if _storage_use_count(s._cdata) == 1:
+                free.append((pool.last_call[key], key, s))
+            else:
+                busy += key[0]
+    excess = sum(key[0] for _, key, _ in free) - busy
+    released = set()
+    for _, key, s in sorted(free, key=lambda f: f[0]):
+        if excess <= 0:
+            break
+        released.add(id(s))
+        excess -= key[0]
+    for key in list(pool.storages):
+        pool.storages[key] = [s for s in pool.storages[key] if id(s) not in released]
+        if not pool.storages[key]:
+            del pool.storages[key], pool.last_call[key]
+
+
 def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 out: torch.Tensor) -> torch.Tensor:
     """out = x W^T (+ b) for 2-D x, written into the given buffer (no fresh allocation)."""
@@ -173,14 +270,16 @@ class _OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.reuse = bias is not None, reuse_enabled()
         ctx.save_for_backward(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight, out=reusable_empty(x.shape, x, reuse=ctx.reuse))
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -249,10 +348,10 @@ class _ChunkedMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rounding):
-        out = x.new_empty(x.shape[0], w2.shape[0])
-        pre = x.new_empty(x.shape[0], w1.shape[0])
+        out = reusable_empty((x.shape[0], w2.shape[0]), x)
+        pre = reusable_empty((x.shape[0], w1.shape[0]), x)
         _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding)
-        ctx.rounding = rounding
+        ctx.rounding, ctx.reuse = rounding, reuse_enabled()
         ctx.save_for_backward(x, w1, w2, pre)
         return out
 
@@ -263,7 +362,7 @@ class _ChunkedMlp(torch.autograd.Function):
         M, H = pre.shape
         rows = min(CHUNK_ROWS, M)
         act, grad_h = scratch("mlp.act", rows, H, x), scratch("mlp.grad_h", rows, H, x)
-        grad_x = torch.empty_like(x)
+        grad_x = reusable_empty(x.shape, x, reuse=ctx.reuse)
         # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
         f32 = torch.float32
         grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
@@ -426,7 +525,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, tokens: int, heads: int):
         out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
-        ctx.tokens, ctx.heads = tokens, heads
+        ctx.tokens, ctx.heads, ctx.reuse = tokens, heads, reuse_enabled()
         ctx.save_for_backward(qkv, out, lse.float())
         return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3)  # a view
 
@@ -437,7 +536,7 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v = _window_heads(qkv, L, heads)
         nw, hd = q.shape[0], q.shape[-1]
         do = grad_out.to(qkv.dtype).reshape(nw, L, heads, hd).transpose(1, 2)
-        grad_qkv = torch.empty_like(qkv)
+        grad_qkv = reusable_empty(qkv.shape, qkv, reuse=ctx.reuse)
         parts = grad_qkv.view(nw, L, 3, heads, hd).unbind(2)  # each (nw, L, heads, hd)
         for s, e in chunks(nw, max(1, CHUNK_ROWS // L)):
             grads = _flash_backward(do[s:e], q[s:e], k[s:e], v[s:e], out[s:e], lse[s:e])
@@ -467,12 +566,12 @@ class _QueryChunkAttention(torch.autograd.Function):
     def forward(ctx, x, wq, bq, k, v, rounding):
         B, N, C = x.shape
         heads = k.shape[1]
-        out = x.new_empty(B, N, C)
-        lse = x.new_empty(B, heads, N, dtype=torch.float32)
+        out = reusable_empty((B, N, C), x)
+        lse = reusable_empty((B, heads, N), x, torch.float32)
         for b0, b1, t0, t1, q in query_chunks(x, wq, bq, heads, rounding):
             o, lse[b0:b1, :, t0:t1] = _flash(q, k[b0:b1], v[b0:b1])
             out[b0:b1, t0:t1].view(b1 - b0, t1 - t0, heads, -1).copy_(o.transpose(1, 2))
-        ctx.rounding = rounding
+        ctx.rounding, ctx.reuse = rounding, reuse_enabled()
         ctx.save_for_backward(x, wq, bq, k, v, out, lse)
         return out
 
@@ -482,7 +581,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         C, heads = x.shape[2], k.shape[1]
         grad_out = grad_out.to(x.dtype).contiguous()
         f32 = torch.float32  # sums over chunks in fp32
-        grad_x = torch.empty_like(x)
+        grad_x = reusable_empty(x.shape, x, reuse=ctx.reuse)
         grad_wq, grad_bq = torch.zeros_like(wq, dtype=f32), torch.zeros_like(bq, dtype=f32)
         grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
         k, v = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel

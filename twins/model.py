@@ -62,6 +62,13 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def _checkpointed(blk: Block, x: torch.Tensor, size: Size) -> torch.Tensor:
+    """A gradient-checkpointed block, forward and recomputation: its CPU kernels allocate
+    afresh (`kernels.allocate_plainly`) rather than keep pooled buffers mapped between blocks."""
+    with kernels.allocate_plainly():
+        return blk(x, size)
+
+
 def _per_stage(name: str, values: Sequence, num_stages: int) -> List:
     values = list(values)
     if len(values) != num_stages:
@@ -182,7 +189,7 @@ class Twins(nn.Module):
         x = self.pos_drops[i](x)
         for j, blk in enumerate(self.blocks[i]):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, size, use_reentrant=False)
+                x = checkpoint(_checkpointed, blk, x, size, use_reentrant=False)
             else:
                 x = blk(x, size)
             if j == 0:
