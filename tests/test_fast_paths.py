@@ -224,23 +224,40 @@ def test_reusable_buffers_are_handed_out_again_only_when_unreferenced():
     assert kernels.reuse_enabled()
 
 
-def test_reusable_buffers_beyond_the_bytes_in_use_are_released():
-    like, shape = torch.zeros(1), (11, 19, 3)
-    kept = kernels.reusable_empty(shape, like)
-    kernels.reusable_empty(shape, like)  # pooled, and free again at once
-    assert len(pooled(shape)) == 2
-    for n in range(1, 100):  # other sizes, each asked for once (input size changing)
-        kernels.reusable_empty((n, 1000), like)
-    # The free storage of the old size went first; the one in use stays.
-    assert [s.data_ptr() for s in pooled(shape)] == [kept.data_ptr()]
-    free = busy = 0
-    for (nbytes, _), storages in kernels._REUSABLE.storages.items():
-        for s in storages:
-            if torch._C._storage_Use_Count(s._cdata) == 1:
-                free += nbytes
-            else:
-                busy += nbytes
-    assert free <= busy + 99 * 1000 * 4  # at most the last size beyond the bytes in use
+def in_fresh_thread(fn):
+    """fn() in a thread of its own, whose pool of reusable buffers starts empty."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    assert result, "the thread raised"
+    return result[0]
+
+
+def test_reusable_buffers_of_sizes_no_longer_asked_for_are_released():
+    like = torch.zeros(1)
+    old, new = [(5, 6), (7, 8)], [(9, 10), (11, 12)]  # the sizes of two input sizes
+
+    def steps(shapes, count):
+        """Training steps that each ask for every size, twice for the first at once."""
+        ptrs = set()
+        for _ in range(count):
+            a = kernels.reusable_empty(shapes[0], like)
+            b = kernels.reusable_empty(shapes[0], like)
+            c = kernels.reusable_empty(shapes[1], like)
+            ptrs |= {a.data_ptr(), b.data_ptr(), c.data_ptr()}
+            del a, b, c
+        return ptrs
+
+    def run():
+        first = steps(old, 5)
+        kept = steps(old, 5) == first and len(first) == 3  # the same three buffers throughout
+        steps(new, 25)  # checked every 64 calls
+        return kept, sorted(n // 4 for n, _ in kernels._REUSABLE.storages)
+
+    kept, sizes = in_fresh_thread(run)
+    assert kept
+    assert sizes == [90, 132]  # only the new sizes' storages remain
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -249,17 +266,13 @@ def test_grad_checkpointed_blocks_allocate_plainly(checkpointing):
     model = twins.create_model("alt_gvt_micro", num_classes=5)
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 3, 56, 56)
-    pools = []
 
-    def step():  # in a thread of its own, whose pool starts empty
+    def step():
         model(x).sum().backward()
-        pools.append(dict(kernels._REUSABLE.storages))
+        return dict(kernels._REUSABLE.storages)
 
-    thread = threading.Thread(target=step)
-    thread.start()
-    thread.join()
-    # Every kernel that pools runs inside a block.
-    assert (len(pools[0]) == 0) == checkpointing
+    pooled = in_fresh_thread(step)
+    assert (len(pooled) == 0) == checkpointing  # every kernel that pools runs inside a block
 
 
 def test_two_forwards_before_one_backward_keep_their_saved_activations(monkeypatch):

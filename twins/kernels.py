@@ -135,14 +135,16 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class _Reusable(threading.local):
-    """Per thread: the storages `reusable_empty` hands out, by (bytes, device), and the call
-    count at which each size was last asked for."""
+    """Per thread: the storages `reusable_empty` hands out, by (bytes, device); the call count
+    at which each size was last asked for; and the period, the most calls seen between two
+    asks for one size (a training step's worth, once training runs)."""
 
     def __init__(self):
         self.enabled = True  # False within `allocate_plainly`
         self.storages: Dict[Tuple[int, torch.device], list] = {}
         self.last_call: Dict[Tuple[int, torch.device], int] = {}
         self.calls = 0
+        self.period = 0
 
 
 _REUSABLE = _Reusable()
@@ -176,8 +178,8 @@ def reusable_empty(shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[t
     A caching allocator for these tensors, as CUDA's is for every tensor. Each storage stays
     in a per-thread pool and is handed out again only when the pool's reference is the last
     one: no tensor, view, saved tensor or gradient still uses it, so a buffer is never shared.
-    Free storages beyond the bytes in use are released (`_release_free`). With `reuse` False
-    (default: `reuse_enabled()`) the tensor is allocated afresh.
+    The storages of sizes no longer asked for are released (`_release_stale`). With `reuse`
+    False (default: `reuse_enabled()`) the tensor is allocated afresh.
     """
     dtype = like.dtype if dtype is None else dtype
     if _storage_use_count is None or not (reuse_enabled() if reuse is None else reuse):
@@ -185,39 +187,29 @@ def reusable_empty(shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[t
     nbytes = math.prod(shape) * dtype.itemsize
     key = (nbytes, like.device)
     pool = _REUSABLE
-    storages = pool.storages.get(key, [])
-    storage = next((s for s in storages if _storage_use_count(s._cdata) == 1), None)
-    if storage is None:
-        _release_free(pool)
-        storage = torch.empty(nbytes, dtype=torch.uint8, device=like.device).untyped_storage()
-        pool.storages.setdefault(key, []).append(storage)
     pool.calls += 1
+    if key in pool.last_call:
+        pool.period = max(pool.period, pool.calls - pool.last_call[key])
     pool.last_call[key] = pool.calls
+    storages = pool.storages.setdefault(key, [])
+    storage = next((s for s in storages if _storage_use_count(s._cdata) == 1), None)
+    if storage is None or pool.calls % 64 == 0:  # a new storage, or now and then
+        _release_stale(pool)
+    if storage is None:
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=like.device).untyped_storage()
+        storages.append(storage)
     return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape)
 
 
-def _release_free(pool: _Reusable) -> None:
-    """Before a new storage is pooled: release free storages, least recently asked-for sizes
-    first, until the free bytes no longer exceed the bytes in use. Training at one input size
-    stops asking for new storages after its first step; when the size changes, the storages
-    of the old size go."""
-    free, busy = [], 0
-    for key, storages in pool.storages.items():
-        for s in storages:
-            if _storage_use_count(s._cdata) == 1:
-                free.append((pool.last_call[key], key, s))
-            else:
-                busy += key[0]
-    excess = sum(key[0] for _, key, _ in free) - busy
-    released = set()
-    for _, key, s in sorted(free, key=lambda f: f[0]):
-        if excess <= 0:
-            break
-        released.add(id(s))
-        excess -= key[0]
-    for key in list(pool.storages):
-        pool.storages[key] = [s for s in pool.storages[key] if id(s) not in released]
-        if not pool.storages[key]:
+def _release_stale(pool: _Reusable) -> None:
+    """Release the free storages of sizes not asked for within the last two periods: the
+    sizes of an earlier input size. (At one input size, every size is asked for once per
+    training step or more often, and no storage is ever released.)"""
+    for key in [k for k, call in pool.last_call.items() if pool.calls - call > 2 * pool.period]:
+        busy = [s for s in pool.storages[key] if _storage_use_count(s._cdata) > 1]
+        if busy:
+            pool.storages[key] = busy
+        else:
             del pool.storages[key], pool.last_call[key]
 
 
