@@ -304,22 +304,22 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------- MLP
 def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
-                residual=False) -> None:
+                residual=False, act=None) -> None:
     """out = fc2(GELU(fc1(norm(x)))) (+ x) chunk by chunk, with chunk-sized temporaries.
 
     x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
-    (M, H) receives fc1's output when given (saved for backward), else a chunk-sized buffer
-    holds it. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
+    and `act` (M, H) receive fc1's and the GELU's output when given (saved for backward), else
+    chunk-sized buffers hold them. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
     (None: no rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk
     first) and `residual` are for inference only; with `residual`, out may be x itself.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
     hidden = scratch("mlp.hidden", rows, H, w1)  # the weights carry the compute dtype
-    act = scratch("mlp.act", rows, H, w1) if pre is not None else hidden
+    act_chunk = scratch("mlp.act", rows, H, w1) if pre is not None else hidden
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
-        g = act[:e - s]
+        g = act[s:e] if act is not None else act_chunk[:e - s]
         linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], *norm), w1),
                     w1, b1, h)
         _round_(h, rounding)
@@ -332,24 +332,28 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 
 
 class _ChunkedMlp(torch.autograd.Function):
-    """Training form of `mlp`: saves x and fc1's output (not the GELU's, which backward
-    recomputes chunk by chunk in cache) and works through the tokens in chunks both ways.
+    """Training form of `mlp`: saves x and fc1's output, and works through the tokens in
+    chunks both ways. In fp32 backward recomputes the GELU's output chunk by chunk in cache;
+    in bf16 forward saves it too (at half the bytes: 3-6% faster steps measured on SVT-S and
+    PCPVT-S, whose wider MLPs spend more on the GELU; no gain in fp32, at twice the memory).
 
-    Takes 2-D fp32 x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,).
+    Takes 2-D x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,), all in the
+    compute dtype (fp32 or bf16).
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rounding):
         out = reusable_empty((x.shape[0], w2.shape[0]), x)
         pre = reusable_empty((x.shape[0], w1.shape[0]), x)
-        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding)
+        act = None if x.dtype == torch.float32 else reusable_empty(pre.shape, x)
+        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act)
         ctx.rounding, ctx.reuse = rounding, reuse_enabled()
-        ctx.save_for_backward(x, w1, w2, pre)
+        ctx.save_for_backward(x, w1, w2, pre, act)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, w2, pre = ctx.saved_tensors
+        x, w1, w2, pre, saved_act = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous()
         M, H = pre.shape
         rows = min(CHUNK_ROWS, M)
@@ -360,9 +364,12 @@ class _ChunkedMlp(torch.autograd.Function):
         grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
         grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
         for s, e in chunks(M, CHUNK_ROWS):
-            g, dh, dy = act[:e - s], grad_h[:e - s], grad_out[s:e]
-            torch.ops.aten.gelu.out(pre[s:e], out=g)
-            _round_(g, ctx.rounding)
+            dh, dy = grad_h[:e - s], grad_out[s:e]
+            if saved_act is not None:
+                g = saved_act[s:e]
+            else:
+                g = torch.ops.aten.gelu.out(pre[s:e], out=act[:e - s])
+                _round_(g, ctx.rounding)
             accumulate_mm(grad_w2, dy.t(), g)
             torch.mm(dy, w2, out=dh)  # gradient of the GELU output
             torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
