@@ -357,7 +357,7 @@ class _ChunkedMlp(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype).contiguous()
         M, H = pre.shape
         rows = min(CHUNK_ROWS, M)
-        act, grad_h = scratch("mlp.act", rows, H, x), scratch("mlp.grad_h", rows, H, x)
+        grad_h = scratch("mlp.grad_h", rows, H, x)
         grad_x = reusable_empty(x.shape, x, reuse=ctx.reuse)
         # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
         f32 = torch.float32
@@ -367,8 +367,8 @@ class _ChunkedMlp(torch.autograd.Function):
             dh, dy = grad_h[:e - s], grad_out[s:e]
             if saved_act is not None:
                 g = saved_act[s:e]
-            else:
-                g = torch.ops.aten.gelu.out(pre[s:e], out=act[:e - s])
+            else:  # recomputed into a chunk-sized buffer
+                g = torch.ops.aten.gelu.out(pre[s:e], out=scratch("mlp.act", e - s, H, x))
                 _round_(g, ctx.rounding)
             accumulate_mm(grad_w2, dy.t(), g)
             torch.mm(dy, w2, out=dh)  # gradient of the GELU output
