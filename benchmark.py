@@ -12,8 +12,10 @@ other; `--no-isolate` times both in this process with the runs interleaved.
     python benchmark.py --model alt_gvt_small pcpvt_small_v0 --precision fp32 bf16 \
         --mode inference train --compare-timm --name cpu_small
 
-writes logs/benchmark_cpu_small.json and logs/benchmark_cpu_small.md. `main.py --throughput`
-reuses `time_inference`.
+writes logs/benchmark_cpu_small.json and logs/benchmark_cpu_small.md. Weights are random unless
+`--checkpoint` gives a file; `--bf16-agreement N` compares bf16 and fp32 top-1 classes on N
+random images, or on N real ones from `--images DIR`. `main.py --throughput` reuses
+`time_inference`.
 """
 import argparse
 import concurrent.futures
@@ -178,13 +180,28 @@ def timm_name(model: str) -> str:
     return twins.TIMM_NAMES[name]
 
 
-def build_models(cfg: Config, impls, device: torch.device, seed: int) -> Dict[str, nn.Module]:
-    """Our model with seeded weights and, if asked, timm's model loaded with the same weights."""
+def load_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint file (official, DeiT-style, timm, mmsegmentation or ours)
+    under the official key names; loading executes no code from the file."""
+    from twins.checkpoint import extract_state_dict, torch_load
+    return extract_state_dict(torch_load(path), source=path)
+
+
+def build_models(cfg: Config, impls, device: torch.device, seed: int,
+                 checkpoint: Optional[str] = None) -> Dict[str, nn.Module]:
+    """Our model with seeded weights, or those of `checkpoint` (its class count taken from
+    the checkpoint's classifier), and, if asked, timm's model loaded with the same weights."""
     torch.manual_seed(seed)
-    models = {"ours": twins.create_model(cfg.model)}
+    weights = None if checkpoint is None else load_weights(checkpoint)
+    num_classes = weights["head.weight"].shape[0] if weights and "head.weight" in weights else 1000
+    models = {"ours": twins.create_model(cfg.model, num_classes=num_classes)}
+    if weights is not None:
+        from twins.checkpoint import load_pretrained
+        load_pretrained(models["ours"], weights, source=checkpoint)
     if "timm" in impls:
         import timm
-        models["timm"] = timm.create_model(timm_name(cfg.model), pretrained=False)
+        models["timm"] = timm.create_model(timm_name(cfg.model), pretrained=False,
+                                           num_classes=num_classes)
         models["timm"].load_state_dict(models["ours"].state_dict())
     for name, model in models.items():
         if cfg.grad_checkpointing:
@@ -193,11 +210,11 @@ def build_models(cfg: Config, impls, device: torch.device, seed: int) -> Dict[st
     return models
 
 
-def make_inputs(cfg: Config, device: torch.device, seed: int):
+def make_inputs(cfg: Config, device: torch.device, seed: int, num_classes: int = 1000):
     """A fixed random (images, targets) batch for `cfg`."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen)
-    targets = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+    targets = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen)
     images = images.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     return images, targets.to(device)
 
@@ -233,6 +250,29 @@ def top1_agreement(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtyp
             low = model(batch).argmax(1)
         same += (low == model(batch).argmax(1)).sum().item()
     return same / images.shape[0]
+
+
+def image_files(folder: str) -> List[Path]:
+    """The image files under `folder` (any depth), sorted; an error naming the folder if none."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise ValueError(f"--images {folder}: no image files ({', '.join(IMG_EXTENSIONS)}) in it")
+    return files
+
+
+def load_images(folder: str, count: int, img_size: int) -> torch.Tensor:
+    """`count` images spread evenly over the sorted files under `folder` (all of them if there
+    are fewer), with the evaluation transform of main.py --eval: (n, 3, img_size, img_size)."""
+    from datasets import build_transform, load_rgb
+    files = image_files(folder)
+    if len(files) > count:
+        files = [files[i * len(files) // count] for i in range(count)]
+    transform = build_transform(False, argparse.Namespace(input_size=img_size))
+    return torch.stack([transform(load_rgb(path)) for path in files])
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -338,16 +378,21 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device,
     """
     impls = IMPLS if args.compare_timm else ("ours",)
     timed = tuple(impls if timed is None else timed)
-    models = build_models(cfg, impls if compare else timed, device, args.seed)
-    images, targets = make_inputs(cfg, device, args.seed)
+    models = build_models(cfg, impls if compare else timed, device, args.seed, args.checkpoint)
+    num_classes = next(iter(models.values())).num_classes
+    images, targets = make_inputs(cfg, device, args.seed, num_classes)
     row: Dict = {"config": asdict(cfg), "timed": list(timed)}
     row.update({impl: {} for impl in impls})
     if compare and args.compare_timm:
         row["max_logit_diff"] = max_logit_difference(models["ours"], models["timm"], images)
     amp_dtype = PRECISIONS[cfg.precision]
     if compare and args.bf16_agreement and amp_dtype is not None:
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        batch = torch.randn(args.bf16_agreement, 3, cfg.img_size, cfg.img_size, generator=gen)
+        if args.images:
+            batch = load_images(args.images, args.bf16_agreement, cfg.img_size)
+        else:
+            gen = torch.Generator().manual_seed(args.seed + 1)
+            batch = torch.randn(args.bf16_agreement, 3, cfg.img_size, cfg.img_size, generator=gen)
+        row["agreement_images"] = batch.shape[0]
         for impl in impls:  # timm's figure tells how much of a shortfall random weights cause
             row[impl]["top1_agreement"] = top1_agreement(models[impl], batch.to(device), amp_dtype)
     models = {impl: models[impl] for impl in timed}  # the others are not kept while timing
@@ -554,9 +599,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      help="profile one step and report the time share of matmul/conv/attention")
     how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                      help="peak memory of a step (CPU: max RSS of a fresh subprocess per row)")
+    what.add_argument("--checkpoint", default=None, metavar="PATH",
+                      help="weights for the model(s) (official, timm, mmsegmentation or ours; "
+                           "the class count follows the checkpoint), instead of random ones")
     how.add_argument("--bf16-agreement", type=int, default=0, metavar="N",
-                     help="for autocast rows: share of N fixed random images whose top-1 class "
-                          "equals the fp32 one (ours, and timm's with --compare-timm)")
+                     help="for autocast rows: share of N fixed images whose top-1 class equals "
+                          "the fp32 one (ours, and timm's with --compare-timm)")
+    how.add_argument("--images", default=None, metavar="DIR",
+                     help="take the --bf16-agreement images from the image files under DIR "
+                          "(evaluation transform; evenly spread over the sorted files) instead "
+                          "of random ones")
     how.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     how.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=False,
                      help="CPU: make glibc keep freed memory for reuse (as jemalloc/tcmalloc would) "
@@ -584,6 +636,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         raise SystemExit("--retain-memory needs glibc's mallopt, which this platform lacks")
     device = torch.device(args.device)
     configs = configs_from_args(args)
+    try:  # fail before any timing on a bad checkpoint or image folder
+        if args.checkpoint:
+            load_weights(args.checkpoint)
+        if args.images:
+            image_files(args.images)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"benchmark.py: error: {error}") from None
     if args.compare_timm:
         for cfg in configs:  # fail before any timing when a model has no timm counterpart
             try:

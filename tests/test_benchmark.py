@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import benchmark
 import twins
@@ -129,6 +131,62 @@ def test_compare_timm_on_a_real_timm_model(tmp_path):
         row["ours"]["timing"]["median"] / row["timm"]["timing"]["median"])
     line = [x for x in (tmp_path / "benchmark_timm.md").read_text().splitlines() if x.startswith("| pcpvt")][0]
     assert f"{row['ratio']['of_medians']:.2f}x" in line and f"{row['max_logit_diff']:.1e}" in line
+
+
+def test_checkpoint_weights_and_class_count_reach_ours_and_timms(tmp_path):
+    torch.manual_seed(3)
+    source = twins.create_model("alt_gvt_small", num_classes=3)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict()}, path)  # the official layout
+    cfg = Config("alt_gvt_small", 1, 64, "fp32", "inference")
+    models = benchmark.build_models(cfg, ("ours", "timm"), torch.device("cpu"), seed=0,
+                                    checkpoint=str(path))
+    for model in models.values():
+        assert model.num_classes == 3
+        state = model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in source.state_dict().items())
+
+
+def write_grey_images(folder, count):
+    """Images 00..count-1 of grey level 20 * index, alternately in two class folders."""
+    for i in range(count):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (20 * i,) * 3).save(folder / f"class{i % 2}" / f"{i:02d}.png")
+
+
+def test_load_images_spreads_over_the_sorted_files_with_the_eval_transform(tmp_path):
+    write_grey_images(tmp_path, 10)
+    files = benchmark.image_files(str(tmp_path))
+    assert [f.name for f in files[:6]] == ["00.png", "02.png", "04.png", "06.png", "08.png", "01.png"]
+    batch = benchmark.load_images(str(tmp_path), 4, 32)
+    assert batch.shape == (4, 3, 32, 32)
+    chosen = [int(files[i].stem) for i in (0, 2, 5, 7)]  # 4 of 10, evenly spread
+    expected = [(20 * i / 255 - IMAGENET_DEFAULT_MEAN[0]) / IMAGENET_DEFAULT_STD[0] for i in chosen]
+    assert batch[:, 0, 5, 5].tolist() == pytest.approx(expected, abs=1e-5)
+    assert benchmark.load_images(str(tmp_path), 256, 32).shape[0] == 10  # fewer files: all
+
+
+def test_bf16_agreement_on_given_images_with_given_weights(tmp_path):
+    write_grey_images(tmp_path / "images", 6)
+    torch.save(twins.create_model("pcpvt_micro", num_classes=4).state_dict(), tmp_path / "w.pth")
+    rows = benchmark.main(["--model", "pcpvt_micro", "--batch-size", "2", "--img-size", "32",
+                           "--precision", "bf16", "--mode", "train", "--warmup", "0",
+                           "--runs", "1", "--no-memory", "--no-isolate",
+                           "--checkpoint", str(tmp_path / "w.pth"), "--images",
+                           str(tmp_path / "images"), "--bf16-agreement", "8",
+                           "--output-dir", str(tmp_path), "--name", "agreement"])
+    assert rows[0]["agreement_images"] == 6
+    assert rows[0]["ours"]["top1_agreement"] in [i / 6 for i in range(7)]
+
+
+def test_bad_checkpoint_or_image_folder_fail_before_timing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    for option, message in [(["--checkpoint", str(tmp_path / "none.pth")], "checkpoint file not found"),
+                            (["--images", str(tmp_path / "missing")], "no such folder"),
+                            (["--images", str(tmp_path / "empty")], "no image files")]:
+        with pytest.raises(SystemExit, match=message):
+            benchmark.main(["--model", "alt_gvt_micro", "--runs", "1", *option])
 
 
 def test_cpu_peak_memory_runs_in_a_fresh_process():
