@@ -669,3 +669,46 @@ def test_compiled_bf16_training_uses_the_flash_op_and_matches_eager(name, monkey
     torch.testing.assert_close(compiled_out, eager_out, atol=0, rtol=0)
     for n in eager_grads:
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def count_flash_backward_images(monkeypatch):
+    """The batch size of q in each call of the flash backward kernel, as a list that fills."""
+    calls, kernel = [], kernels._flash_backward_op
+
+    def counted(*args):
+        calls.append(args[1].shape[0])
+        return kernel(*args)
+    monkeypatch.setattr(kernels, "_flash_backward_op", counted)
+    return calls
+
+
+@pytest.mark.parametrize("threads, pieces", [(1, 1), (2, 2), (3, 3), (4, 4)])
+def test_flash_backward_splits_one_image_for_the_threads_and_gives_the_same_gradients(
+        threads, pieces, monkeypatch):
+    """A single image and head (PCPVT's first stage) is cut into one piece of queries per
+    thread; the gradients are those of the whole, the key/value ones summed over pieces."""
+    L = 6 * kernels._MIN_SPLIT_QUERIES
+    q = token_major(1, 1, L, 16, dtype=torch.float32)
+    k, v = torch.randn(1, 1, 7, 16), torch.randn(1, 1, 7, 16)
+    out, lse = kernels._flash(q, k, v)[:2]
+    do = torch.randn_like(out)
+    want = kernels._flash_backward_op(do, q, k, v, out, lse, 0.0, False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    calls = count_flash_backward_images(monkeypatch)
+    got = kernels._flash_backward(do, q, k, v, out, lse)
+    assert calls == [pieces]
+    for name, g, w in zip(["dq", "dk", "dv"], got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_flash_backward_does_not_split_several_images_heads_or_short_chunks(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = count_flash_backward_images(monkeypatch)
+    n = kernels._MIN_SPLIT_QUERIES
+    for shape in [(2, 1, 2 * n), (1, 2, 2 * n), (1, 1, 2 * n - 2), (1, 1, 2 * n + 1)]:
+        q = token_major(*shape, 16, dtype=torch.float32)
+        k, v = torch.randn(shape[0], shape[1], 7, 16), torch.randn(shape[0], shape[1], 7, 16)
+        out, lse = kernels._flash(q, k, v)[:2]
+        kernels._flash_backward(torch.randn_like(out), q, k, v, out, lse)
+    assert calls == [2, 1, 1, 1]

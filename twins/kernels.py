@@ -418,7 +418,29 @@ def _flash_backward(do, q, k, v, o, lse):
     """
     if q.dtype != torch.float32:
         do, q, k, v, o = (t.float() for t in (do, q, k, v, o))
+    B, H, L, _ = q.shape
+    split = torch.get_num_threads() // (B * H)
+    if B == 1 and split > 1 and L % split == 0 and L // split >= _MIN_SPLIT_QUERIES:
+        return _flash_backward_split(do, q, k, v, o, lse, split)
     return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
+
+
+# Queries per piece below which `_flash_backward` does not split one image's queries further.
+_MIN_SPLIT_QUERIES = 256
+
+
+def _flash_backward_split(do, q, k, v, o, lse, split: int):
+    """`_flash_backward` of one image (B = 1) with its queries split into `split` pieces that
+    the kernel sees as images of their own, each attending to the same keys and values: the
+    kernel runs one thread per image and head, so a single-head chunk (PCPVT's first stage)
+    would otherwise use one core. The pieces' key and value gradients are summed."""
+    def pieces(t):  # (1, H, L, ...) -> (split, H, L / split, ...), a view
+        return t[0].unflatten(1, (split, -1)).transpose(0, 1)
+
+    keys, values = (t.expand(split, *t.shape[1:]).contiguous() for t in (k, v))
+    dq, dk, dv = _flash_backward_op(pieces(do), pieces(q), keys, values, pieces(o), pieces(lse),
+                                    0.0, False)
+    return dq.transpose(0, 1).flatten(1, 2)[None], dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
