@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import twins
 from twins import kernels
 from twins.attention import GlobalSubsampledAttention, LocallyGroupedAttention
-from twins.layers import Mlp, PatchEmbed, PositionalEncodingGenerator
+from twins.layers import LayerNorm, Mlp, PatchEmbed, PositionalEncodingGenerator
 from twins.model import Block
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # a few bf16 ulps of O(1) activations
@@ -712,3 +712,40 @@ def test_flash_backward_does_not_split_several_images_heads_or_short_chunks(monk
         out, lse = kernels._flash(q, k, v)[:2]
         kernels._flash_backward(torch.randn_like(out), q, k, v, out, lse)
     assert calls == [2, 1, 1, 1]
+
+
+# --------------------------------------------------------------- LayerNorm in bf16 training
+def test_layer_norm_sums_bf16_weight_and_bias_gradients_in_fp32(chunk_rows):
+    """Output and input gradient are PyTorch's; the weight and bias gradients are those of
+    float64 arithmetic on the same bf16 values (PyTorch's CPU kernel sums them in bf16)."""
+    norm = LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, 401, 16) * 3 + 1).bfloat16().requires_grad_()
+    grad = (torch.randn(3, 401, 16) * 0.01 + 0.002).bfloat16()  # a mean: long sums grow
+    out = norm(x)
+    assert out.grad_fn.name().startswith("_LowPrecisionLayerNorm")
+    out.backward(grad)
+    plain = torch.nn.LayerNorm(16, eps=1e-6)
+    plain.load_state_dict(norm.state_dict())
+    x_plain = x.detach().clone().requires_grad_()
+    plain_out = plain(x_plain)
+    plain_out.backward(grad)
+    assert torch.equal(out, plain_out) and torch.equal(x.grad, x_plain.grad)
+    exact = torch.nn.LayerNorm(16, eps=1e-6).double()
+    exact.load_state_dict(norm.state_dict())
+    exact(x.detach().double()).backward(grad.double())
+    for name, ours, want in [("weight", norm.weight.grad, exact.weight.grad),
+                             ("bias", norm.bias.grad, exact.bias.grad)]:
+        assert ours.dtype == torch.float32
+        assert (ours.double() - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+def test_layer_norm_takes_the_plain_path_in_fp32_and_without_autograd():
+    norm = LayerNorm(8)
+    for x, grad in [(torch.randn(2, 5, 8, requires_grad=True), True),
+                    (torch.randn(2, 5, 8).bfloat16(), False)]:
+        with torch.set_grad_enabled(grad):
+            out = norm(x)
+        assert out.grad_fn is None or not out.grad_fn.name().startswith("_LowPrecision")
+        torch.testing.assert_close(out, F.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps))

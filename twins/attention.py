@@ -16,7 +16,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import conv2d, emulated_autocast_dtype, linear
-from .layers import map_to_tokens, tokens_to_map
+from .layers import LayerNorm, map_to_tokens, tokens_to_map
 
 Size = Tuple[int, int]
 
@@ -172,7 +172,7 @@ class GlobalSubsampledAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
             self.sr: Optional[nn.Conv2d] = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm: Optional[nn.LayerNorm] = nn.LayerNorm(dim)
+            self.norm: Optional[nn.LayerNorm] = LayerNorm(dim)
         else:
             self.sr = None
             self.norm = None

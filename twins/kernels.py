@@ -679,6 +679,70 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+class _LowPrecisionLayerNorm(torch.autograd.Function):
+    """LayerNorm of bf16/fp16 x with fp32 weight and bias for CPU training: PyTorch's forward
+    and input gradient, with the weight and bias gradients summed in fp32.
+
+    PyTorch's CPU kernel sums those two gradients over the rows in the input's precision, on
+    one thread: at 100,352 bf16 rows (a first-stage LayerNorm at batch 32) its bias gradient
+    came out 80% off and its weight gradient 20-30% (relative to the largest entry, against
+    float64). Here each chunk of rows goes through its fp32 kernel instead: errors of 1e-6,
+    and a backward 15% faster than PyTorch's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        C = x.shape[-1]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad, x, (C,), mean, rstd, weight, bias, [True, False, False])[0]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_bias = _layer_norm_param_grads(
+                grad.reshape(-1, C), x.reshape(-1, C), mean.reshape(-1, 1), rstd.reshape(-1, 1),
+                weight, bias)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _layer_norm_param_grads(grad, x, mean, rstd, weight, bias):
+    """The LayerNorm's weight and bias gradients for 2-D (M, C) grad and x, from fp32 copies
+    of chunks of rows, summed in fp32."""
+    M, C = x.shape
+    step = max(1, CHUNK_ROWS * 128 // C)  # chunks of 1 MiB per fp32 copy (fastest, measured)
+    rows = min(step, M)
+    x32, grad32 = scratch("ln.x", rows, C, weight), scratch("ln.grad", rows, C, weight)
+    grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+    for s, e in chunks(M, step):
+        _, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            grad32[:e - s].copy_(grad[s:e]), x32[:e - s].copy_(x[s:e]), (C,), mean[s:e],
+            rstd[s:e], weight, bias, [False, True, True])
+        grad_weight += gw
+        grad_bias += gb
+    return grad_weight, grad_bias
+
+
+def low_precision_layer_norm_applies(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
+    """Whether `low_precision_layer_norm` takes x: bf16/fp16 x under autograd on the CPU (eager),
+    an fp32 weight and bias."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and norm.weight is not None and norm.bias is not None
+            and norm.weight.dtype == torch.float32 and norm.bias.dtype == torch.float32
+            and (x.requires_grad or norm.weight.requires_grad) and enabled(x))
+
+
+def low_precision_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """`norm(x)`, with fp32 sums for the weight and bias gradients (see
+    `low_precision_layer_norm_applies`). Shapes: (..., C) -> (..., C)."""
+    return _LowPrecisionLayerNorm.apply(x, norm.weight, norm.bias, norm.eps)
+
+
 def _same_as_input(x: torch.Tensor, *args) -> torch.Tensor:
     """Shape/dtype function of the residual-branch ops for torch.compile's tracing."""
     return torch.empty_like(x)

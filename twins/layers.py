@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels import conv2d, mlp, mlp_applies
+from .kernels import (conv2d, low_precision_layer_norm, low_precision_layer_norm_applies, mlp,
+                      mlp_applies)
 
 Size = Tuple[int, int]
 
@@ -37,6 +38,17 @@ def tokens_to_map(x: torch.Tensor, size: Size) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H * W, C); free when x is channels-last, one copy otherwise."""
     return x.flatten(2).transpose(1, 2).contiguous()
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and results) whose weight and bias gradients are summed in
+    fp32 for bf16/fp16 inputs in CPU training, which PyTorch's CPU kernel sums in the input's
+    precision (`kernels.low_precision_layer_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if low_precision_layer_norm_applies(x, self):
+            return low_precision_layer_norm(x, self)
+        return super().forward(x)
 
 
 class Mlp(nn.Module):
@@ -82,7 +94,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as the official patch embedding
+        self.norm = LayerNorm(embed_dim)  # eps 1e-5, as the official patch embedding
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         if not torch.is_grad_enabled() and kernels.chunked_applies(x) and x.shape[0] > 1:

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .attention import GlobalSubsampledAttention, LocallyGroupedAttention
-from .layers import DropPath, Mlp, PatchEmbed, PositionalEncodingGenerator, Size, tokens_to_map
+from .layers import (DropPath, LayerNorm, Mlp, PatchEmbed, PositionalEncodingGenerator, Size,
+                     tokens_to_map)
 
 
 class Block(nn.Module):
@@ -38,13 +39,13 @@ class Block(nn.Module):
                  sr_ratio: int = 1, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
         if window_size:
             self.attn = LocallyGroupedAttention(dim, num_heads, window_size, attn_drop, drop)
         else:
             self.attn = GlobalSubsampledAttention(dim, num_heads, sr_ratio, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -138,8 +139,8 @@ class Twins(nn.Module):
         # Official key name: pos_block.i.proj.0.*
         self.pos_block = nn.ModuleList(
             PositionalEncodingGenerator(d, peg_kernel_size) for d in self.embed_dims)
-        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in self.embed_dims) if out_norms else None
-        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
+        self.out_norms = nn.ModuleList(LayerNorm(d) for d in self.embed_dims) if out_norms else None
+        self.norm = LayerNorm(self.num_features, eps=norm_eps)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
             dict(num_chs=d, reduction=math.prod(self.patch_sizes[:i + 1]), module=f"blocks.{i}")
