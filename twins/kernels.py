@@ -49,16 +49,17 @@ _CPU_NATIVE = {torch.bfloat16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supp
                torch.float16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
 # Tokens per chunk of the chunked kernels: the MLP's hidden chunk (2048 x 4C floats, 2 MiB at
-# C = 64) stays in cache and the matmuls still see tall operands. (The training MLP takes
-# larger chunks, `_train_rows`.)
+# C = 64) stays in cache and the matmuls still see tall operands. (Training takes larger
+# chunks in the MLP and global attention, `_train_rows`.)
 CHUNK_ROWS = 2048
 
 
 def _train_rows() -> int:
-    """Tokens per chunk of the training MLP: 4 x CHUNK_ROWS. Its chunk-sized buffers then fall
-    out of the caches, but the per-chunk matmuls (weight gradients above all) are 4x taller:
-    alternating A/B runs of whole training steps gave 3-5% more img/s in bf16 (SVT-S,
-    PCPVT-S), the same in fp32; 8 x was no better."""
+    """Tokens per chunk of the training MLP and global attention: 4 x CHUNK_ROWS. The
+    chunk-sized buffers then fall out of the caches, but the per-chunk matmuls (the MLP's
+    weight gradients above all) are 4x taller and the attention kernels get more images per
+    call: alternating A/B runs of whole training steps gave 3-5% more img/s in bf16 for the
+    MLP (SVT-S, PCPVT-S) and 0-3% more for the attention; 8 x was no better."""
     return 4 * CHUNK_ROWS
 
 
@@ -344,9 +345,10 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 
 class _ChunkedMlp(torch.autograd.Function):
     """Training form of `mlp`: saves x and fc1's output, and works through the tokens in
-    chunks of `_train_rows()` both ways. In fp32 backward recomputes the GELU's output chunk by chunk in cache;
-    in bf16 forward saves it too (at half the bytes: 3-6% faster steps measured on SVT-S and
-    PCPVT-S, whose wider MLPs spend more on the GELU; no gain in fp32, at twice the memory).
+    chunks of `_train_rows()` both ways. In fp32 backward recomputes the GELU's output chunk
+    by chunk; in bf16 forward saves it too (at half the bytes: 3-6% faster steps measured on
+    SVT-S and PCPVT-S, whose wider MLPs spend more on the GELU; no gain in fp32, at twice the
+    memory).
 
     Takes 2-D x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,), all in the
     compute dtype (fp32 or bf16).
@@ -604,7 +606,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         lse = reusable_empty((B, heads, N), x, torch.float32)
         q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x)).view(B, N, C)
         _round_(q, rounding)
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
+        for b0, b1, t0, t1 in query_chunk_ranges(B, N, _train_rows()):
             n, t = b1 - b0, t1 - t0
             o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
             out[b0:b1, t0:t1].view(n, t, heads, -1).copy_(o.transpose(1, 2))
@@ -622,7 +624,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         grad_q = reusable_empty(x.shape, x, reuse=ctx.reuse)
         grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
         k, v = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
+        for b0, b1, t0, t1 in query_chunk_ranges(B, N, _train_rows()):
             dq, dk, dv = _flash_backward(
                 _heads(grad_out[b0:b1, t0:t1], heads), _heads(q[b0:b1, t0:t1], heads),
                 k[b0:b1], v[b0:b1], _heads(out[b0:b1, t0:t1], heads),
@@ -643,11 +645,13 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(n, tokens, heads, C // heads).transpose(1, 2)
 
 
-def query_chunk_ranges(B: int, N: int) -> Iterator[Tuple[int, int, int, int]]:
-    """(b0, b1, t0, t1) of chunks of about CHUNK_ROWS query tokens: whole images, or a range
-    of one image's tokens."""
-    rows = min(N, CHUNK_ROWS)  # query tokens per chunk within an image
-    per_chunk = max(1, CHUNK_ROWS // N)  # images per chunk
+def query_chunk_ranges(B: int, N: int,
+                       step: Optional[int] = None) -> Iterator[Tuple[int, int, int, int]]:
+    """(b0, b1, t0, t1) of chunks of about `step` (default CHUNK_ROWS) query tokens: whole
+    images, or a range of one image's tokens."""
+    step = CHUNK_ROWS if step is None else step
+    rows = min(N, step)  # query tokens per chunk within an image
+    per_chunk = max(1, step // N)  # images per chunk
     for b0, b1 in chunks(B, per_chunk):
         for t0, t1 in chunks(N, rows):
             yield b0, b1, t0, t1
