@@ -48,19 +48,12 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 _CPU_NATIVE = {torch.bfloat16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                torch.float16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
-# Tokens per chunk of the chunked kernels: the MLP's hidden chunk (2048 x 4C floats, 2 MiB at
-# C = 64) stays in cache and the matmuls still see tall operands. (Training takes larger
-# chunks in the MLP and global attention, `_train_rows`.)
-CHUNK_ROWS = 2048
-
-
-def _train_rows() -> int:
-    """Tokens per chunk of the training MLP and global attention: 4 x CHUNK_ROWS. The
-    chunk-sized buffers then fall out of the caches, but the per-chunk matmuls (the MLP's
-    weight gradients above all) are 4x taller and the attention kernels get more images per
-    call: alternating A/B runs of whole training steps gave 3-5% more img/s in bf16 for the
-    MLP (SVT-S, PCPVT-S) and 0-3% more for the attention; 8 x was no better."""
-    return 4 * CHUNK_ROWS
+# Tokens per chunk of the chunked kernels. Their temporaries stay chunk-sized (8,192 x 4C
+# floats: 8 MiB at C = 64) and live in reused buffers; the matmuls see tall operands and the
+# loops few iterations. 2,048 kept the MLP's hidden chunk in cache, but whole steps measured
+# 4-10% slower, in inference and training alike (alternating runs, SVT-S and PCPVT-S, fp32
+# and bf16).
+CHUNK_ROWS = 8192
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -314,7 +307,7 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------- MLP
 def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
-                residual=False, act=None, step=None) -> None:
+                residual=False, act=None) -> None:
     """out = fc2(GELU(fc1(norm(x)))) (+ x) chunk by chunk, with chunk-sized temporaries.
 
     x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
@@ -322,14 +315,12 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     chunk-sized buffers hold them. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
     (None: no rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk
     first) and `residual` are for inference only; with `residual`, out may be x itself.
-    `step`: tokens per chunk (default CHUNK_ROWS).
     """
     M, H = x.shape[0], w1.shape[0]
-    step = CHUNK_ROWS if step is None else step
-    rows = min(step, M)
+    rows = min(CHUNK_ROWS, M)
     hidden = scratch("mlp.hidden", rows, H, w1)  # the weights carry the compute dtype
     act_chunk = scratch("mlp.act", rows, H, w1) if pre is not None else hidden
-    for s, e in chunks(M, step):
+    for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[s:e] if act is not None else act_chunk[:e - s]
         linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], *norm), w1),
@@ -345,10 +336,9 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 
 class _ChunkedMlp(torch.autograd.Function):
     """Training form of `mlp`: saves x and fc1's output, and works through the tokens in
-    chunks of `_train_rows()` both ways. In fp32 backward recomputes the GELU's output chunk
-    by chunk; in bf16 forward saves it too (at half the bytes: 3-6% faster steps measured on
-    SVT-S and PCPVT-S, whose wider MLPs spend more on the GELU; no gain in fp32, at twice the
-    memory).
+    chunks both ways. In fp32 backward recomputes the GELU's output chunk by chunk; in bf16
+    forward saves it too (at half the bytes: 3-6% faster steps measured on SVT-S and PCPVT-S,
+    whose wider MLPs spend more on the GELU; no gain in fp32, at twice the memory).
 
     Takes 2-D x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,), all in the
     compute dtype (fp32 or bf16).
@@ -359,7 +349,7 @@ class _ChunkedMlp(torch.autograd.Function):
         out = reusable_empty((x.shape[0], w2.shape[0]), x)
         pre = reusable_empty((x.shape[0], w1.shape[0]), x)
         act = None if x.dtype == torch.float32 else reusable_empty(pre.shape, x)
-        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act, step=_train_rows())
+        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act)
         ctx.rounding, ctx.reuse = rounding, reuse_enabled()
         ctx.save_for_backward(x, w1, w2, pre, act)
         return out
@@ -369,14 +359,13 @@ class _ChunkedMlp(torch.autograd.Function):
         x, w1, w2, pre, saved_act = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous()
         M, H = pre.shape
-        step = _train_rows()
-        grad_h = scratch("mlp.grad_h", min(step, M), H, x)
+        grad_h = scratch("mlp.grad_h", min(CHUNK_ROWS, M), H, x)
         grad_x = reusable_empty(x.shape, x, reuse=ctx.reuse)
         # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
         f32 = torch.float32
         grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
         grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
-        for s, e in chunks(M, step):
+        for s, e in chunks(M, CHUNK_ROWS):
             dh, dy = grad_h[:e - s], grad_out[s:e]
             if saved_act is not None:
                 g = saved_act[s:e]
@@ -606,7 +595,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         lse = reusable_empty((B, heads, N), x, torch.float32)
         q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x)).view(B, N, C)
         _round_(q, rounding)
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N, _train_rows()):
+        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
             n, t = b1 - b0, t1 - t0
             o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
             out[b0:b1, t0:t1].view(n, t, heads, -1).copy_(o.transpose(1, 2))
@@ -624,7 +613,7 @@ class _QueryChunkAttention(torch.autograd.Function):
         grad_q = reusable_empty(x.shape, x, reuse=ctx.reuse)
         grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
         k, v = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N, _train_rows()):
+        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
             dq, dk, dv = _flash_backward(
                 _heads(grad_out[b0:b1, t0:t1], heads), _heads(q[b0:b1, t0:t1], heads),
                 k[b0:b1], v[b0:b1], _heads(out[b0:b1, t0:t1], heads),
@@ -645,13 +634,11 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(n, tokens, heads, C // heads).transpose(1, 2)
 
 
-def query_chunk_ranges(B: int, N: int,
-                       step: Optional[int] = None) -> Iterator[Tuple[int, int, int, int]]:
-    """(b0, b1, t0, t1) of chunks of about `step` (default CHUNK_ROWS) query tokens: whole
-    images, or a range of one image's tokens."""
-    step = CHUNK_ROWS if step is None else step
-    rows = min(N, step)  # query tokens per chunk within an image
-    per_chunk = max(1, step // N)  # images per chunk
+def query_chunk_ranges(B: int, N: int) -> Iterator[Tuple[int, int, int, int]]:
+    """(b0, b1, t0, t1) of chunks of about CHUNK_ROWS query tokens: whole images, or a range
+    of one image's tokens."""
+    rows = min(N, CHUNK_ROWS)  # query tokens per chunk within an image
+    per_chunk = max(1, CHUNK_ROWS // N)  # images per chunk
     for b0, b1 in chunks(B, per_chunk):
         for t0, t1 in chunks(N, rows):
             yield b0, b1, t0, t1
@@ -746,7 +733,7 @@ def _layer_norm_param_grads(grad, x, mean, rstd, weight, bias):
     """The LayerNorm's weight and bias gradients for 2-D (M, C) grad and x, from fp32 copies
     of chunks of rows, summed in fp32."""
     M, C = x.shape
-    step = max(1, CHUNK_ROWS * 128 // C)  # chunks of 1 MiB per fp32 copy (fastest, measured)
+    step = max(1, CHUNK_ROWS * 32 // C)  # chunks of 1 MiB per fp32 copy (fastest, measured)
     rows = min(step, M)
     x32, grad32 = scratch("ln.x", rows, C, weight), scratch("ln.grad", rows, C, weight)
     grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
