@@ -590,6 +590,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     what.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     what.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     what.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    what.add_argument("--checkpoint", default=None, metavar="PATH",
+                      help="weights for the model(s) (official, timm, mmsegmentation or ours; "
+                           "the class count follows the checkpoint), instead of random ones")
     how = parser.add_argument_group("how to measure")
     how.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     how.add_argument("--runs", type=int, default=5, help="timed steps; the median is reported")
@@ -599,9 +602,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      help="profile one step and report the time share of matmul/conv/attention")
     how.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                      help="peak memory of a step (CPU: max RSS of a fresh subprocess per row)")
-    what.add_argument("--checkpoint", default=None, metavar="PATH",
-                      help="weights for the model(s) (official, timm, mmsegmentation or ours; "
-                           "the class count follows the checkpoint), instead of random ones")
     how.add_argument("--bf16-agreement", type=int, default=0, metavar="N",
                      help="for autocast rows: share of N fixed images whose top-1 class equals "
                           "the fp32 one (ours, and timm's with --compare-timm)")

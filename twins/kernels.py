@@ -648,8 +648,10 @@ def query_chunks(x, wq, bq, heads, rounding=None):
     """(b0, b1, t0, t1, q) over `query_chunk_ranges`, q being the (n, heads, t, hd) queries
     of x[b0:b1, t0:t1], computed into a scratch buffer."""
     B, N, C = x.shape
-    buf = scratch("gsa.q", min(max(1, CHUNK_ROWS // N), B) * min(N, CHUNK_ROWS), C, wq)
-    for b0, b1, t0, t1 in query_chunk_ranges(B, N):
+    ranges = list(query_chunk_ranges(B, N))
+    b0, b1, t0, t1 = ranges[0]  # the first chunk is the largest (`chunks`)
+    buf = scratch("gsa.q", (b1 - b0) * (t1 - t0), C, wq)
+    for b0, b1, t0, t1 in ranges:
         n, t = b1 - b0, t1 - t0
         q = linear_into(cast_chunk(x[b0:b1, t0:t1].reshape(n * t, C), wq), wq, bq, buf[:n * t])
         _round_(q, rounding)
