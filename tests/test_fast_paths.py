@@ -383,6 +383,22 @@ def test_patch_embed_drops_partial_patches(precision):
     assert_matches(out, run(reference, precision, image), precision)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_linear_into(in_place, with_bias, dtype):
+    """residual + (x W^T + b) into out or into the residual itself; bf16 weights: the branch
+    rounded to bf16 before the fp32 residual add, as `residual + layer(x)` under autocast."""
+    x, weight = torch.randn(13, 6).to(dtype), torch.randn(5, 6).to(dtype)
+    bias = torch.randn(5).to(dtype) if with_bias else None
+    residual = torch.randn(13, 5)
+    want = residual + F.linear(x, weight, bias).float()
+    out = residual.clone() if in_place else torch.full_like(residual, float("nan"))
+    got = kernels.residual_linear_into(x, weight, bias, out if in_place else residual, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
 def test_linear_gradients_equal_autograd():
     layer = torch.nn.Linear(6, 9)
     x = torch.randn(4, 5, 6, requires_grad=True)
