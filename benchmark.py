@@ -25,6 +25,7 @@ import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -531,9 +532,27 @@ def markdown_table(rows: List[Dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------- output
+def source_revision(root: Optional[Path] = None) -> Optional[str]:
+    """The git commit of the code being measured (the checkout holding `root`, by default this
+    file's), marked "+changes" when tracked files differ from it; None outside a git checkout
+    or without git."""
+    root = Path(__file__).resolve().parent if root is None else root
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, check=True,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def environment(device: torch.device) -> Dict:
-    """What the figures depend on: versions, device, threads, machine load."""
-    info = {"torch": torch.__version__, "python": platform.python_version(),
+    """What the figures depend on: code revision, versions, device, threads, machine load."""
+    info = {"commit": source_revision(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -559,10 +578,11 @@ def write_results(rows: List[Dict], args: argparse.Namespace, device: torch.devi
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"benchmark_{args.name}"
     settings = {k: v for k, v in vars(args).items()}
-    result = {"command": command, "settings": settings, "environment": environment(device),
-              "rows": rows}
+    env = environment(device)
+    result = {"command": command, "settings": settings, "environment": env, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + markdown_table(rows))
+    revision = f" at commit {env['commit']}" if env["commit"] else ""
+    stem.with_suffix(".md").write_text(f"Command: `{command}`{revision}\n\n" + markdown_table(rows))
     return stem.with_suffix(".json")
 
 

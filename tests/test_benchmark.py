@@ -2,6 +2,7 @@
 import json
 import mmap
 import statistics
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -89,6 +90,22 @@ def test_compare_timm_refuses_models_without_counterpart():
         benchmark.main(["--model", "alt_gvt_micro", "--compare-timm", "--runs", "1"])
 
 
+def test_source_revision_names_the_commit_and_local_changes(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert benchmark.source_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("a = 1\n")
+    git("add", "model.py")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "--short=12", "HEAD").strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert benchmark.source_revision(tmp_path) == commit
+    (tmp_path / "model.py").write_text("a = 2\n")
+    assert benchmark.source_revision(tmp_path) == commit + "+changes"
+
+
 def test_main_writes_json_and_markdown(tmp_path):
     rows = benchmark.main(["--model", "alt_gvt_micro", "--batch-size", "2", "--img-size", "32",
                            "--precision", "fp32", "bf16", "--mode", "inference", "train",
@@ -96,7 +113,11 @@ def test_main_writes_json_and_markdown(tmp_path):
                            "--no-isolate", "--output-dir", str(tmp_path), "--name", "unit"])
     data = json.loads((tmp_path / "benchmark_unit.json").read_text())
     assert data["command"].startswith("python benchmark.py --model alt_gvt_micro")
-    assert {"torch", "timm", "device", "threads"} <= set(data["environment"])
+    assert {"commit", "torch", "timm", "device", "threads"} <= set(data["environment"])
+    revision = benchmark.source_revision()
+    assert data["environment"]["commit"] == revision
+    header = (tmp_path / "benchmark_unit.md").read_text().splitlines()[0]
+    assert header.endswith(f"` at commit {revision}" if revision else "`")
     assert len(data["rows"]) == len(rows) == 4
     row = data["rows"][0]
     assert row["config"] == dict(model="alt_gvt_micro", batch_size=2, img_size=32, precision="fp32",
