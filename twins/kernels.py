@@ -226,13 +226,13 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = residual + (x W^T + b) for 2-D chunks, the product rounded to the compute dtype
-    (the weights') first, as `residual + layer(x)` under autocast; no fresh allocation. `out`
-    may be `residual` itself."""
+    """out = residual + (x W^T + b) for 2-D chunks, with no fresh allocation; `out` may be
+    `residual` itself. With weights in a lower precision than the residual (bf16 autocast) the
+    branch is rounded to the weights' dtype first, as `residual + layer(x)` under autocast."""
     if out.dtype == weight.dtype == residual.dtype:
         # out = residual + b, then the matmul accumulates into it: one pass over the chunk
         # besides the matmul, where the bias copy and a residual add took two (fp32 inference
-        # 1-2% faster, SVT-S/L and PCPVT-S). Only the order of the fp32 sums differs.
+        # 1-2% faster, SVT-S/L and PCPVT-S). Only the order of the sums differs.
         if bias is not None:
             torch.add(residual, bias, out=out)
         elif out.data_ptr() != residual.data_ptr():
