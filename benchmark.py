@@ -532,26 +532,30 @@ def markdown_table(rows: List[Dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------- output
-def source_revision(root: Optional[Path] = None) -> Optional[str]:
+def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) -> Optional[str]:
     """The git commit of the code being measured (the checkout holding `root`, by default this
-    file's), marked "+changes" when tracked files differ from it; None outside a git checkout
-    or without git."""
-    root = Path(__file__).resolve().parent if root is None else root
+    file's), marked "+changes" when tracked files differ from it, those under `ignore` (the
+    benchmark's own output folder) excepted; None outside a git checkout or without git."""
+    root = (Path(__file__).parent if root is None else Path(root)).resolve()
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, check=True,
                               capture_output=True, text=True, timeout=30).stdout.strip()
+    status = ["status", "--porcelain", "--untracked-files=no"]
+    if ignore is not None and Path(ignore).resolve().is_relative_to(root):
+        status += ["--", ".", ":(exclude)" + Path(ignore).resolve().relative_to(root).as_posix()]
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
+        changed = git(*status)
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")
 
 
-def environment(device: torch.device) -> Dict:
-    """What the figures depend on: code revision, versions, device, threads, machine load."""
-    info = {"commit": source_revision(), "torch": torch.__version__,
+def environment(device: torch.device, output_dir: Optional[Path] = None) -> Dict:
+    """What the figures depend on: code revision (outputs in `output_dir` aside), versions,
+    device, threads, machine load."""
+    info = {"commit": source_revision(ignore=output_dir), "torch": torch.__version__,
             "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
@@ -571,14 +575,12 @@ def environment(device: torch.device) -> Dict:
     return info
 
 
-def write_results(rows: List[Dict], args: argparse.Namespace, device: torch.device,
-                  command: str) -> Path:
+def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command: str) -> Path:
     """Write logs/benchmark_<name>.json and .md; return the JSON path."""
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"benchmark_{args.name}"
     settings = {k: v for k, v in vars(args).items()}
-    env = environment(device)
     result = {"command": command, "settings": settings, "environment": env, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     revision = f" at commit {env['commit']}" if env["commit"] else ""
@@ -669,10 +671,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
                 timm_name(cfg.model)
             except ValueError as error:
                 raise SystemExit(f"benchmark.py: error: {error}") from None
+    env = environment(device, Path(args.output_dir))  # the code as launched
     rows: List[Dict] = []
     for cfg in configs:  # results are rewritten after every row: long runs keep what they have
         rows.append(run_config_isolated(cfg, args) if args.isolate else run_config(cfg, args, device))
-        path = write_results(rows, args, device, command)
+        path = write_results(rows, args, env, command)
     print("\n" + markdown_table(rows) + f"\nwrote {path} and {path.with_suffix('.md')}")
     return rows
 

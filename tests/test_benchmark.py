@@ -102,8 +102,18 @@ def test_source_revision_names_the_commit_and_local_changes(tmp_path):
     commit = git("rev-parse", "--short=12", "HEAD").strip()
     (tmp_path / "notes.txt").write_text("untracked files do not count\n")
     assert benchmark.source_revision(tmp_path) == commit
-    (tmp_path / "model.py").write_text("a = 2\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "old.md").write_text("a log\n")
+    git("add", "logs/old.md")
+    git("commit", "-q", "-m", "log")
+    commit = git("rev-parse", "--short=12", "HEAD").strip()
+    (tmp_path / "logs" / "old.md").write_text("rewritten by a benchmark run\n")
     assert benchmark.source_revision(tmp_path) == commit + "+changes"
+    assert benchmark.source_revision(tmp_path, ignore=tmp_path / "logs") == commit
+    (tmp_path / "model.py").write_text("a = 2\n")
+    assert benchmark.source_revision(tmp_path, ignore=tmp_path / "logs") == commit + "+changes"
+    outside = tmp_path.parent / (tmp_path.name + "-out")  # an output folder outside the checkout
+    assert benchmark.source_revision(tmp_path, ignore=outside) == commit + "+changes"
 
 
 def test_main_writes_json_and_markdown(tmp_path):
@@ -114,7 +124,7 @@ def test_main_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "benchmark_unit.json").read_text())
     assert data["command"].startswith("python benchmark.py --model alt_gvt_micro")
     assert {"commit", "torch", "timm", "device", "threads"} <= set(data["environment"])
-    revision = benchmark.source_revision()
+    revision = benchmark.source_revision(ignore=tmp_path)
     assert data["environment"]["commit"] == revision
     header = (tmp_path / "benchmark_unit.md").read_text().splitlines()[0]
     assert header.endswith(f"` at commit {revision}" if revision else "`")
