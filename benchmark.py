@@ -534,8 +534,8 @@ def markdown_table(rows: List[Dict]) -> str:
 # ---------------------------------------------------------------------------------- output
 def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) -> Optional[str]:
     """The git commit of the code being measured (the checkout holding `root`, by default this
-    file's), marked "+changes" when tracked files differ from it, those under `ignore` (the
-    benchmark's own output folder) excepted; None outside a git checkout or without git."""
+    file's), marked "+changes" when tracked files differ from it, except the benchmark's own
+    outputs (`benchmark_*` in the folder `ignore`); None outside a git checkout or without git."""
     root = (Path(__file__).parent if root is None else Path(root)).resolve()
 
     def git(*args: str) -> str:
@@ -543,7 +543,8 @@ def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) 
                               capture_output=True, text=True, timeout=30).stdout.strip()
     status = ["status", "--porcelain", "--untracked-files=no"]
     if ignore is not None and Path(ignore).resolve().is_relative_to(root):
-        status += ["--", ".", ":(exclude)" + Path(ignore).resolve().relative_to(root).as_posix()]
+        outputs = (Path(ignore).resolve().relative_to(root) / "benchmark_*").as_posix()
+        status += ["--", ".", ":(exclude)" + outputs]
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
         changed = git(*status)

@@ -90,7 +90,9 @@ def test_compare_timm_refuses_models_without_counterpart():
         benchmark.main(["--model", "alt_gvt_micro", "--compare-timm", "--runs", "1"])
 
 
-def test_source_revision_names_the_commit_and_local_changes(tmp_path):
+def test_source_revision_names_the_commit_and_local_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # even inside a checkout
+
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
                               cwd=tmp_path, check=True, capture_output=True, text=True).stdout
@@ -103,15 +105,17 @@ def test_source_revision_names_the_commit_and_local_changes(tmp_path):
     (tmp_path / "notes.txt").write_text("untracked files do not count\n")
     assert benchmark.source_revision(tmp_path) == commit
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "old.md").write_text("a log\n")
-    git("add", "logs/old.md")
+    (tmp_path / "logs" / "benchmark_old.md").write_text("a log\n")
+    git("add", "logs/benchmark_old.md")
     git("commit", "-q", "-m", "log")
     commit = git("rev-parse", "--short=12", "HEAD").strip()
-    (tmp_path / "logs" / "old.md").write_text("rewritten by a benchmark run\n")
+    (tmp_path / "logs" / "benchmark_old.md").write_text("rewritten by a benchmark run\n")
     assert benchmark.source_revision(tmp_path) == commit + "+changes"
     assert benchmark.source_revision(tmp_path, ignore=tmp_path / "logs") == commit
     (tmp_path / "model.py").write_text("a = 2\n")
     assert benchmark.source_revision(tmp_path, ignore=tmp_path / "logs") == commit + "+changes"
+    # Outputs written to the checkout's top folder hide nothing else.
+    assert benchmark.source_revision(tmp_path, ignore=tmp_path) == commit + "+changes"
     outside = tmp_path.parent / (tmp_path.name + "-out")  # an output folder outside the checkout
     assert benchmark.source_revision(tmp_path, ignore=outside) == commit + "+changes"
 
