@@ -542,9 +542,9 @@ def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) 
         return subprocess.run(["git", *args], cwd=root, check=True,
                               capture_output=True, text=True, timeout=30).stdout.strip()
     status = ["status", "--porcelain", "--untracked-files=no"]
-    if ignore is not None and Path(ignore).resolve().is_relative_to(root):
-        outputs = (Path(ignore).resolve().relative_to(root) / "benchmark_*").as_posix()
-        status += ["--", ".", ":(exclude)" + outputs]
+    ignore = None if ignore is None else Path(ignore).resolve()
+    if ignore is not None and ignore.is_relative_to(root):
+        status += ["--", ".", ":(exclude)" + (ignore.relative_to(root) / "benchmark_*").as_posix()]
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
         changed = git(*status)

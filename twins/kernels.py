@@ -603,9 +603,8 @@ class _QueryChunkAttention(torch.autograd.Function):
         q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x)).view(B, N, C)
         _round_(q, rounding)
         for b0, b1, t0, t1 in query_chunk_ranges(B, N):
-            n, t = b1 - b0, t1 - t0
             o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
-            out[b0:b1, t0:t1].view(n, t, heads, -1).copy_(o.transpose(1, 2))
+            _heads(out[b0:b1, t0:t1], heads).copy_(o)
         ctx.reuse = reuse_enabled()
         ctx.save_for_backward(x, wq, q, k, v, out, lse)
         return out
