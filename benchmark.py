@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import shlex
@@ -100,7 +101,9 @@ def _minor_faults() -> int:
 
 def time_call(fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
     """Seconds taken by fn(), synchronised on CUDA before and after, and the MiB of memory
-    page-faulted in meanwhile (host memory; 0 where the OS does not count faults)."""
+    page-faulted in meanwhile (host memory; 0 where the OS does not count faults). Each fault
+    counts one base page: where a fault maps a huge page (THP_MEM_ALLOC_ENABLE=1) the figure
+    undercounts the memory, though it still counts the faults."""
     synchronize(device)
     faults = _minor_faults()
     start = time.perf_counter()
@@ -553,14 +556,29 @@ def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) 
     return commit + ("+changes" if changed else "")
 
 
+# Environment variables that change how fast the same code runs: the allocator (PyTorch's
+# transparent-huge-page switch, glibc's malloc tunables, a preloaded jemalloc/tcmalloc) and the
+# thread pools. Recorded with the figures when set.
+PERFORMANCE_ENV = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES",
+                   "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                   "MALLOC_TOP_PAD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY",
+                   "KMP_BLOCKTIME", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def performance_env() -> Dict[str, str]:
+    """The `PERFORMANCE_ENV` variables set in this process, by name."""
+    return {name: os.environ[name] for name in PERFORMANCE_ENV if name in os.environ}
+
+
 def environment(device: torch.device, output_dir: Optional[Path] = None) -> Dict:
     """What the figures depend on: code revision (outputs in `output_dir` aside), versions,
-    device, threads, machine load."""
+    device, threads, allocator and thread settings from the environment, machine load."""
     info = {"commit": source_revision(ignore=output_dir), "torch": torch.__version__,
             "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env": performance_env()}
     try:
         import timm
         info["timm"] = timm.__version__
@@ -584,8 +602,12 @@ def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command
     settings = {k: v for k, v in vars(args).items()}
     result = {"command": command, "settings": settings, "environment": env, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    revision = f" at commit {env['commit']}" if env["commit"] else ""
-    stem.with_suffix(".md").write_text(f"Command: `{command}`{revision}\n\n" + markdown_table(rows))
+    header = f"Command: `{command}`"
+    if env["commit"]:
+        header += f" at commit {env['commit']}"
+    if env["env"]:
+        header += ", with " + " ".join(f"{k}={v}" for k, v in env["env"].items())
+    stem.with_suffix(".md").write_text(header + "\n\n" + markdown_table(rows))
     return stem.with_suffix(".json")
 
 

@@ -1,4 +1,5 @@
 """benchmark.py's own logic, on the micro models (and one real timm model) with tiny runs."""
+import argparse
 import json
 import mmap
 import statistics
@@ -118,6 +119,23 @@ def test_source_revision_names_the_commit_and_local_changes(tmp_path, monkeypatc
     assert benchmark.source_revision(tmp_path, ignore=tmp_path) == commit + "+changes"
     outside = tmp_path.parent / (tmp_path.name + "-out")  # an output folder outside the checkout
     assert benchmark.source_revision(tmp_path, ignore=outside) == commit + "+changes"
+
+
+def test_environment_records_performance_variables(tmp_path, monkeypatch):
+    for name in benchmark.PERFORMANCE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert benchmark.environment(torch.device("cpu"))["env"] == {}
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("TWINS_UNRELATED", "x")  # not a performance setting: not recorded
+    env = benchmark.environment(torch.device("cpu"))
+    assert env["env"] == {"THP_MEM_ALLOC_ENABLE": "1", "OMP_NUM_THREADS": "2"}
+    args = argparse.Namespace(output_dir=str(tmp_path), name="envtest")
+    benchmark.write_results([], args, env, "python benchmark.py")
+    header = (tmp_path / "benchmark_envtest.md").read_text().splitlines()[0]
+    assert header.endswith(", with THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=2")
+    data = json.loads((tmp_path / "benchmark_envtest.json").read_text())
+    assert data["environment"]["env"] == env["env"]
 
 
 def test_main_writes_json_and_markdown(tmp_path):
