@@ -655,8 +655,7 @@ def query_chunks(x, wq, bq, heads, rounding=None):
     of x[b0:b1, t0:t1], computed into a scratch buffer."""
     B, N, C = x.shape
     ranges = list(query_chunk_ranges(B, N))
-    b0, b1, t0, t1 = ranges[0]  # the first chunk is the largest (`chunks`)
-    buf = scratch("gsa.q", (b1 - b0) * (t1 - t0), C, wq)
+    buf = scratch("gsa.q", max((b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in ranges), C, wq)
     for b0, b1, t0, t1 in ranges:
         n, t = b1 - b0, t1 - t0
         q = linear_into(cast_chunk(x[b0:b1, t0:t1].reshape(n * t, C), wq), wq, bq, buf[:n * t])
@@ -742,7 +741,7 @@ def _layer_norm_param_grads(grad, x, mean, rstd, weight, bias):
     """The LayerNorm's weight and bias gradients for 2-D (M, C) grad and x, from fp32 copies
     of chunks of rows, summed in fp32."""
     M, C = x.shape
-    step = max(1, CHUNK_ROWS * 32 // C)  # chunks of 1 MiB per fp32 copy (fastest, measured)
+    step = max(1, 2 ** 20 // (4 * C))  # chunks of 1 MiB per fp32 copy (fastest, measured)
     rows = min(step, M)
     x32, grad32 = scratch("ln.x", rows, C, weight), scratch("ln.grad", rows, C, weight)
     grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
