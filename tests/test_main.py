@@ -286,6 +286,37 @@ def test_lr_is_scaled_by_global_batch_and_peg_norm_bias_skip_decay(image_folder)
     assert len(decayed) == 1 and decayed[0]['weight_decay'] == 0.05
 
 
+def _adamw_steps(optimizer, params, grads):
+    for grad in grads:
+        for p, g in zip(params, grad):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+def test_adamw_is_fused_unless_turned_off_and_resumes_a_loop_optimizer_state(image_folder, tmp_path):
+    """The fused AdamW is the default. Resumed from a checkpoint of the per-parameter loop
+    (a --no-fused-opt run), it stays fused and continues as the loop itself would."""
+    _, _, _, fused, fused_scheduler = _trainer(image_folder)
+    args, _, _, loop, loop_scheduler = _trainer(image_folder, '--no-fused-opt')
+    _, _, _, sgd, _ = _trainer(image_folder, '--opt', 'sgd')
+    assert fused.optimizer.defaults['fused'] is True and type(fused.optimizer) is torch.optim.AdamW
+    assert not loop.optimizer.defaults['fused'] and not sgd.optimizer.defaults.get('fused')
+    params = [list(t.model.parameters()) for t in (loop, fused)]
+    for group in loop.optimizer.param_groups:
+        group['lr'] = 1e-3  # the scheduler's first (warm-up) lr is too small to tell states apart
+    generator = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=generator) for p in params[0]] for _ in range(4)]
+    _adamw_steps(loop.optimizer, params[0], grads[:2])
+    torch.save({'model': loop.model.state_dict(), 'optimizer': loop.optimizer.state_dict(),
+                'lr_scheduler': loop_scheduler.state_dict(), 'epoch': 0}, tmp_path / 'loop.pth')
+    assert main.resume_training(args, fused, fused_scheduler, str(tmp_path / 'loop.pth'))[0] == 1
+    assert all(group['fused'] is True for group in fused.optimizer.param_groups)
+    _adamw_steps(loop.optimizer, params[0], grads[2:])
+    _adamw_steps(fused.optimizer, params[1], grads[2:])
+    assert max((a - b).abs().max().item() for a, b in zip(params[0], params[1])) < 1e-6
+    assert fused.optimizer.state_dict()['state'][0]['step'].item() == 4
+
+
 def test_each_epoch_trains_with_its_own_scheduled_lr(image_folder, monkeypatch):
     lrs = []
 

@@ -99,3 +99,16 @@ def test_retain_freed_memory_stops_page_faults_on_reuse():
 
     assert faults("default") > 8000
     assert faults("retain") < 1000
+
+
+def test_fused_optimizer_kwargs_where_the_kernel_exists():
+    cpu = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
+    assert utils.fused_optimizer_kwargs('adamw', cpu) == {'fused': True}
+    assert utils.fused_optimizer_kwargs('AdamW', iter(cpu)) == {'fused': True}  # a generator, as model.parameters()
+    assert utils.fused_optimizer_kwargs('adam', cpu) == {'fused': True}
+    assert utils.fused_optimizer_kwargs('sgd', cpu) == {}  # timm's own implementations take no `fused`
+    assert utils.fused_optimizer_kwargs('lamb', cpu) == {}
+    assert utils.fused_optimizer_kwargs('adamw', []) == {}
+    meta = [torch.zeros(3, device='meta')]  # a device without the kernel, alone or mixed in
+    assert utils.fused_optimizer_kwargs('adamw', meta) == {}
+    assert utils.fused_optimizer_kwargs('adamw', cpu + meta) == {}
