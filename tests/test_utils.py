@@ -112,3 +112,18 @@ def test_fused_optimizer_kwargs_where_the_kernel_exists():
     meta = [torch.zeros(3, device='meta')]  # a device without the kernel, alone or mixed in
     assert utils.fused_optimizer_kwargs('adamw', meta) == {}
     assert utils.fused_optimizer_kwargs('adamw', cpu + meta) == {}
+
+
+def test_optimizer_step_tool_times_every_implementation():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from twins import create_model
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / 'tools' / 'optimizer_step.py'), '--model', 'alt_gvt_micro',
+                          '--runs', '2', '--rounds', '1'], check=True, text=True, capture_output=True).stdout
+    count = sum(p.numel() for p in create_model('alt_gvt_micro').parameters())
+    assert f"alt_gvt_micro's {count:,} parameters on cpu" in out
+    timed = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:]}
+    assert set(timed) == {'loop', 'foreach', 'fused'} and all(ms > 0 for ms in timed.values())
