@@ -357,8 +357,9 @@ def build_trainer(args, model, data, plan, device, amp_dtype, dist_env):
     if args.fused_opt:
         optimizer_kwargs.update(utils.fused_optimizer_kwargs(args.opt, model.parameters()))
     # With the model (not a parameter list), timm exempts 1-D parameters and model.no_weight_decay() (PEG).
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=plan.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **optimizer_kwargs)
+    optimizer = utils.keep_implementation_on_load(create_optimizer_v2(
+        model, opt=args.opt, lr=plan.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        **optimizer_kwargs))
     lr_scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
@@ -410,7 +411,7 @@ def resume_training(args, trainer, lr_scheduler, path):
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint:
         utils.print_on_master(f'{path} holds weights only; training starts at epoch {args.start_epoch}')
         return args.start_epoch, 0.0
-    utils.load_optimizer_state(trainer.optimizer, checkpoint['optimizer'])
+    trainer.optimizer.load_state_dict(checkpoint['optimizer'])  # keeps this run's implementation
     lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if checkpoint.get('scaler'):
         trainer.scaler.load_state_dict(checkpoint['scaler'])

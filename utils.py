@@ -214,22 +214,24 @@ def fused_optimizer_kwargs(opt_name, params):
     return {}
 
 
-def load_optimizer_state(optimizer, state):
-    """optimizer.load_state_dict(state), keeping this optimizer's implementation.
+def keep_implementation_on_load(optimizer):
+    """Make optimizer.load_state_dict keep this optimizer's implementation; returns it.
 
     Saved parameter groups carry the implementation flags of the run that wrote them
     (`fused`, `foreach`), and loading would otherwise restore those: a run resumed with the
     fused AdamW from a checkpoint of the per-parameter loop would silently continue in the
-    loop, and the other way round. The flags are set to this optimizer's before loading, so
+    loop, and the other way round. A load pre-hook sets the flags to this optimizer's first, so
     the state is also placed as this implementation needs it (the fused one keeps its step
-    counts on the parameters' device).
+    counts on the parameters' device). A mismatch in the groups is left to load_state_dict.
     """
-    groups = state.get('param_groups') if isinstance(state, dict) else None
-    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
-        own = [{key: group[key] for key in ('fused', 'foreach') if key in group}
-               for group in optimizer.param_groups]
-        state = dict(state, param_groups=[{**saved, **mine} for saved, mine in zip(groups, own)])
-    optimizer.load_state_dict(state)  # a mismatch in the groups is reported here
+    def own_flags(opt, state):
+        groups = state.get('param_groups')
+        if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+            return None
+        own = [{key: group[key] for key in ('fused', 'foreach') if key in group} for group in opt.param_groups]
+        return dict(state, param_groups=[{**saved, **mine} for saved, mine in zip(groups, own)])
+    optimizer.register_load_state_dict_pre_hook(own_flags)
+    return optimizer
 
 
 def peak_memory_mb(device):
