@@ -4,6 +4,7 @@ The references below use only F.linear, F.conv2d, F.layer_norm, explicit softmax
 an explicit token-to-token mask for the windows, on small inputs with odd sizes, in fp32 and
 under bf16 autocast (where the fast paths emulate bf16 kernels in fp32 on CPUs without them).
 """
+import re
 import threading
 
 import pytest
@@ -636,6 +637,30 @@ def test_flash_attention_op_passes_opcheck(layout):
     assert set(results.values()) == {"SUCCESS"}, results
 
 
+def training_op_inputs(op: str, dtype: torch.dtype):
+    """Odd-sized inputs of a training-kernel custom op (those that are tensors needing grad)."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    if op == "mlp_train":  # 37 tokens, C 6 -> H 10 -> C_out 6
+        return (t(37, 6), t(10, 6), t(10), t(6, 10), t(6), None, True)
+    if op == "window_attention_train":  # 5 windows of 9 tokens, 2 heads of 4 channels
+        return (t(45, 24), 9, 2, True)
+    # 2 images of 11 query tokens, C 8 in 2 heads, 3 key/value tokens
+    return (t(2, 11, 8), t(8, 8), t(8), t(2, 2, 3, 4), t(2, 2, 3, 4), None, True)
+
+
+@pytest.mark.parametrize("op", ["mlp_train", "window_attention_train",
+                                "query_chunk_attention_train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_ops_pass_opcheck(op, dtype):
+    """Schema, fake (shape and stride) functions, autograd registration and AOT dispatch of the
+    training kernels' custom ops, as torch.compile relies on them."""
+    results = torch.library.opcheck(getattr(kernels, op), training_op_inputs(op, dtype))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
 def test_flash_attention_gradients_are_those_of_exact_attention():
     """Output and gradients of the op on bf16 q, k, v: fp32 attention on the same values,
     rounded to bf16, and torch's own bf16 kernel within bf16 precision."""
@@ -664,30 +689,47 @@ def test_flash_attention_applies_to_bf16_autograd_on_cpus_with_bf16_kernels(bf16
 
 
 @pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
-def test_compiled_bf16_training_uses_the_flash_op_and_matches_eager(name, monkeypatch):
-    """Under torch.compile a bf16 training step runs the plain modules, their attention as
-    `twins::flash_attention` (one graph), with the logits and gradients of the eager step."""
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
+                                                               grad_checkpointing, monkeypatch):
+    """Under torch.compile a training step calls the chunked training kernels as custom ops,
+    in one graph (the MLP, the attention on whole windows, the global attention), with the
+    logits and gradients of the eager step; with gradient checkpointing too, whose blocks
+    allocate plainly (traced into the graph)."""
     monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, True)
+    # Both sides with PyTorch's LayerNorm (eager sums bf16 LayerNorm parameter gradients in
+    # fp32 itself; in a compiled graph LayerNorm is the backend's).
+    monkeypatch.setattr(twins.layers, "low_precision_layer_norm_applies", lambda x, norm: False)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = twins.create_model(name, num_classes=7)
-    images = torch.randn(2, 3, 56, 56)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model.set_grad_checkpointing(grad_checkpointing)
+    images = torch.randn(2, 3, 64, 64)  # maps of 16, 8, 4, 2: whole windows of 4 but the last
+    bf16 = precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         explained = torch._dynamo.explain(model)(images)
     assert explained.graph_break_count == 0, explained.break_reasons
-    assert "twins.flash_attention" in explained.graphs[0].code
+    assert explained.graph_count == 1
+    # Checkpointed blocks are subgraphs of the one graph.
+    code = "".join(g.code for g in explained.graphs[0].modules()
+                   if isinstance(g, torch.fx.GraphModule))
+    assert "twins.mlp_train" in code and "twins.query_chunk_attention_train" in code
+    assert ("twins.window_attention_train" in code) == name.startswith("alt_gvt")
+    # The last argument, `reuse`: no pooled buffers in checkpointed blocks.
+    calls = re.findall(r"twins\.\w+_train\.default\(([^)]*)\)", code)
+    assert {c.rsplit(",", 1)[1].strip() for c in calls} == {str(not grad_checkpointing)}
 
     def step(m):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = m(images)
         F.cross_entropy(out.float(), torch.tensor([1, 4])).backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     compiled_out, compiled_grads = step(torch.compile(model, backend="aot_eager"))
-    monkeypatch.setattr(kernels, "enabled", lambda x: False)  # eager, the same plain modules
     eager_out, eager_grads = step(model)
-    torch.testing.assert_close(compiled_out, eager_out, atol=0, rtol=0)
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-6, rtol=1e-6)
     for n in eager_grads:
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-6, rtol=1e-5, msg=n)
 

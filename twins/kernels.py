@@ -29,9 +29,10 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
    kernels accumulate in fp32), at fp32 speed.
 
 The fast paths run in eager mode on the CPU. Under torch.compile the inference residual
-branches run as custom ops (inductor compiles the code around them); everything else, and
-everything under tracing, export or on CUDA, is standard aten ops: on CUDA the caching
-allocator and the standard kernels already do the right thing.
+branches and the training kernels (MLP, window attention, global attention) run as custom ops
+(inductor compiles the code around them and calls them); everything else, and everything
+under tracing, export or on CUDA, is standard aten ops: on CUDA the caching allocator and the
+standard kernels already do the right thing.
 """
 import contextlib
 import math
@@ -68,8 +69,15 @@ def compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
     fp32 for plain fp32 and under emulated autocast (they round like a low-precision kernel
     there); bf16 under bf16 autocast on a CPU with bf16 kernels (AVX512-BF16/AMX), where they
-    run the same bf16 matmuls as autocast would, on chunk-sized operands.
+    run the same bf16 matmuls as autocast would, on chunk-sized operands. Under torch.compile
+    the training kernels apply (custom ops, see below), where the CPU has native kernels for
+    the dtype; not under export, whose graphs hold standard ops only.
     """
+    if torch.compiler.is_compiling():
+        if (torch.compiler.is_exporting() or x.device.type != "cpu" or not _MKLDNN
+                or not torch.is_grad_enabled() or emulated_autocast_dtype(x) is not None):
+            return None
+        return _kernel_dtype(x)
     return _kernel_dtype(x) if enabled(x) else None
 
 
@@ -341,51 +349,103 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
             linear_into(g, w2, b2, out[s:e])
 
 
-class _ChunkedMlp(torch.autograd.Function):
-    """Training form of `mlp`: saves x and fc1's output, and works through the tokens in
-    chunks both ways. In fp32 backward recomputes the GELU's output chunk by chunk; in bf16
-    forward saves it too (at half the bytes: 3-6% faster steps measured on SVT-S and PCPVT-S,
-    whose wider MLPs spend more on the GELU; no gain in fp32, at twice the memory).
+# The training kernels (MLP, window attention, global sub-sampled attention) are custom ops
+# with their backward registered (`torch.library`), in eager mode and under torch.compile
+# alike: inductor compiles the code around them (LayerNorms, residual adds, layout copies) and
+# calls them, rather than tracing their loops or replacing them by standard ops. Each forward
+# op returns what its backward needs besides its inputs; `rounding` is the emulated autocast
+# dtype (None where the CPU has native kernels, and always under torch.compile), and `reuse`
+# whether full-size tensors come from the pool (`reusable_empty`; off in checkpointed blocks).
+
+
+def _saved_outputs_only(ctx, outputs) -> None:
+    """Mark outputs returned only for backward as such: no gradient flows into them, and
+    backward gets None for them instead of zeros (filling a zero tensor of every saved
+    activation cost 12% of an fp32 SVT-S training step)."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
+@torch.library.custom_op("twins::mlp_train", mutates_args=())
+def mlp_train(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor, rounding: Optional[torch.dtype],
+              reuse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training form of `mlp`: out, fc1's output and, in bf16, the GELU's output (saved for
+    backward at half the bytes: 3-6% faster steps measured on SVT-S and PCPVT-S, whose wider
+    MLPs spend more on the GELU; in fp32 no gain, at twice the memory, so backward recomputes
+    it chunk by chunk and the third output is empty).
 
     Takes 2-D x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,), all in the
-    compute dtype (fp32 or bf16).
+    compute dtype (fp32 or bf16). Returns (M, C_out), (M, H), (M, H) or (0, 0).
     """
+    out = reusable_empty((x.shape[0], w2.shape[0]), x, reuse=reuse)
+    pre = reusable_empty((x.shape[0], w1.shape[0]), x, reuse=reuse)
+    act = reusable_empty(_mlp_act_shape(x, w1), x, reuse=reuse)
+    _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act if act.numel() else None)
+    return out, pre, act
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, rounding):
-        out = reusable_empty((x.shape[0], w2.shape[0]), x)
-        pre = reusable_empty((x.shape[0], w1.shape[0]), x)
-        act = None if x.dtype == torch.float32 else reusable_empty(pre.shape, x)
-        _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act)
-        ctx.rounding, ctx.reuse = rounding, reuse_enabled()
-        ctx.save_for_backward(x, w1, w2, pre, act)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w1, w2, pre, saved_act = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype).contiguous()
-        M, H = pre.shape
-        grad_h = scratch("mlp.grad_h", min(CHUNK_ROWS, M), H, x)
-        grad_x = reusable_empty(x.shape, x, reuse=ctx.reuse)
-        # Parameter gradients are summed over chunks in fp32 (bf16 products, fp32 sums).
-        f32 = torch.float32
-        grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
-        grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
-        for s, e in chunks(M, CHUNK_ROWS):
-            dh, dy = grad_h[:e - s], grad_out[s:e]
-            if saved_act is not None:
-                g = saved_act[s:e]
-            else:  # recomputed into a chunk-sized buffer
-                g = torch.ops.aten.gelu.out(pre[s:e], out=scratch("mlp.act", e - s, H, x))
-                _round_(g, ctx.rounding)
-            accumulate_mm(grad_w2, dy.t(), g)
-            torch.mm(dy, w2, out=dh)  # gradient of the GELU output
-            torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
-            grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
-            accumulate_mm(grad_w1, dh.t(), x[s:e])
-            torch.mm(dh, w1, out=grad_x[s:e])
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+def _mlp_act_shape(x: torch.Tensor, w1: torch.Tensor) -> Tuple[int, int]:
+    return (0, 0) if x.dtype == torch.float32 else (x.shape[0], w1.shape[0])
+
+
+@mlp_train.register_fake
+def _(x, w1, b1, w2, b2, rounding, reuse):
+    return (x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]),
+            x.new_empty(_mlp_act_shape(x, w1)))
+
+
+@torch.library.custom_op("twins::mlp_train_backward", mutates_args=())
+def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, pre: torch.Tensor, act: torch.Tensor,
+                       rounding: Optional[torch.dtype], reuse: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """Gradients of x, W1, b1, W2, b2 for `mlp_train`, a chunk of tokens at a time; parameter
+    gradients are summed over chunks in fp32 (bf16 products, fp32 sums) and returned in the
+    dtype of the weights."""
+    grad_out = grad_out.to(x.dtype).contiguous()
+    M, H = pre.shape
+    grad_h = scratch("mlp.grad_h", min(CHUNK_ROWS, M), H, x)
+    grad_x = reusable_empty(x.shape, x, reuse=reuse)
+    f32 = torch.float32
+    grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
+    grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
+    for s, e in chunks(M, CHUNK_ROWS):
+        dh, dy = grad_h[:e - s], grad_out[s:e]
+        if act.numel():
+            g = act[s:e]
+        else:  # recomputed into a chunk-sized buffer
+            g = torch.ops.aten.gelu.out(pre[s:e], out=scratch("mlp.act", e - s, H, x))
+            _round_(g, rounding)
+        accumulate_mm(grad_w2, dy.t(), g)
+        torch.mm(dy, w2, out=dh)  # gradient of the GELU output
+        torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
+        grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
+        accumulate_mm(grad_w1, dh.t(), x[s:e])
+        torch.mm(dh, w1, out=grad_x[s:e])
+    return (grad_x,) + tuple(g.to(w1.dtype) for g in (grad_w1, grad_b1, grad_w2, grad_b2))
+
+
+@mlp_train_backward.register_fake
+def _(grad_out, x, w1, w2, pre, act, rounding, reuse):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+def _mlp_train_setup(ctx, inputs, output):
+    x, w1, _, w2, _, ctx.rounding, ctx.reuse = inputs
+    ctx.save_for_backward(x, w1, w2, output[1], output[2])
+    _saved_outputs_only(ctx, output[1:])
+
+
+def _mlp_train_grad(ctx, grad_out, grad_pre, grad_act):
+    if grad_out is None:  # the output took no part in the loss
+        return (None,) * 7
+    return mlp_train_backward(grad_out, *ctx.saved_tensors, ctx.rounding, ctx.reuse) + (None, None)
+
+
+mlp_train.register_autograd(_mlp_train_grad, setup_context=_mlp_train_setup)
 
 
 def mlp_applies(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> bool:
@@ -404,8 +464,9 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
                                    fc2.weight, fc2.bias)
     x2d = x2d.contiguous()  # (..., C) -> (M, C)
     with torch.autocast("cpu", enabled=False):
-        if torch.is_grad_enabled() and (x2d.requires_grad or w1.requires_grad):
-            out = _ChunkedMlp.apply(x2d, w1, b1, w2, b2, rounding)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                             and (x2d.requires_grad or w1.requires_grad)):
+            out = mlp_train(x2d, w1, b1, w2, b2, rounding, reuse_enabled())[0]
         else:
             out = x2d.new_empty(x2d.shape[0], w2.shape[0])
             _mlp_chunks(x2d, w1, b1, w2, b2, out, rounding=rounding)
@@ -542,96 +603,163 @@ def _window_heads(qkv: torch.Tensor, tokens: int, heads: int) -> Tuple[torch.Ten
     return qkv.view(-1, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-class _WindowAttention(torch.autograd.Function):
+@torch.library.custom_op("twins::window_attention_train", mutates_args=())
+def window_attention_train(qkv: torch.Tensor, tokens: int, heads: int,
+                           reuse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(hd)) v within windows, on a qkv projection already in window
-    order: (windows * tokens, 3C) -> (windows * tokens, C), fp32 or bf16 (the compute dtype).
+    order: (windows * tokens, 3C) -> (windows * tokens, C), fp32 or bf16 (the compute dtype),
+    and the fp32 log-sum-exp (windows, heads, tokens) for backward.
 
     q, k and v are strided views of qkv that the flash kernel reads in place, and its output
     is laid out (windows, tokens, heads, hd), which is (windows * tokens, C): nothing is
-    gathered. Backward works a few windows (contiguous rows) at a time, so that its fp32
-    operands stay in cache, and writes dq, dk, dv straight into one qkv-shaped gradient.
+    gathered.
     """
+    out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
+    # lse comes laid out token-major; contiguous (a small copy) as the fake function says.
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3), lse.contiguous()
 
-    @staticmethod
-    def forward(ctx, qkv, tokens: int, heads: int):
-        out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
-        ctx.tokens, ctx.heads, ctx.reuse = tokens, heads, reuse_enabled()
-        ctx.save_for_backward(qkv, out, lse.float())
-        return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3)  # a view
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, out, lse = ctx.saved_tensors
-        L, heads = ctx.tokens, ctx.heads
-        q, k, v = _window_heads(qkv, L, heads)
-        nw, hd = q.shape[0], q.shape[-1]
-        do = grad_out.to(qkv.dtype).reshape(nw, L, heads, hd).transpose(1, 2)
-        grad_qkv = reusable_empty(qkv.shape, qkv, reuse=ctx.reuse)
-        parts = grad_qkv.view(nw, L, 3, heads, hd).unbind(2)  # each (nw, L, heads, hd)
-        for s, e in chunks(nw, max(1, CHUNK_ROWS // L)):
-            grads = _flash_backward(do[s:e], q[s:e], k[s:e], v[s:e], out[s:e], lse[s:e])
-            for part, g in zip(parts, grads):
-                part[s:e].copy_(g.transpose(1, 2))
-        return grad_qkv, None, None
+@window_attention_train.register_fake
+def _(qkv, tokens, heads, reuse):
+    return (qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3),
+            qkv.new_empty(qkv.shape[0] // tokens, heads, tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("twins::window_attention_train_backward", mutates_args=())
+def window_attention_train_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                                    lse: torch.Tensor, tokens: int, heads: int,
+                                    reuse: bool) -> torch.Tensor:
+    """The qkv gradient of `window_attention_train`. Works a few windows (contiguous rows) at
+    a time, so that the fp32 operands of the flash backward stay in cache, and writes dq, dk,
+    dv straight into one qkv-shaped gradient."""
+    L = tokens
+    q, k, v = _window_heads(qkv, L, heads)
+    nw, hd = q.shape[0], q.shape[-1]
+    out = out.view(nw, L, heads, hd).transpose(1, 2)  # as the flash kernel returned it
+    do = grad_out.to(qkv.dtype).reshape(nw, L, heads, hd).transpose(1, 2)
+    grad_qkv = reusable_empty(qkv.shape, qkv, reuse=reuse)
+    parts = grad_qkv.view(nw, L, 3, heads, hd).unbind(2)  # each (nw, L, heads, hd)
+    for s, e in chunks(nw, max(1, CHUNK_ROWS // L)):
+        grads = _flash_backward(do[s:e], q[s:e], k[s:e], v[s:e], out[s:e], lse[s:e])
+        for part, g in zip(parts, grads):
+            part[s:e].copy_(g.transpose(1, 2))
+    return grad_qkv
+
+
+@window_attention_train_backward.register_fake
+def _(grad_out, qkv, out, lse, tokens, heads, reuse):
+    return torch.empty_like(qkv)
+
+
+def _window_attention_setup(ctx, inputs, output):
+    qkv, ctx.tokens, ctx.heads, ctx.reuse = inputs
+    ctx.save_for_backward(qkv, *output)
+    _saved_outputs_only(ctx, output[1:])
+
+
+def _window_attention_grad(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 4
+    qkv, out, lse = ctx.saved_tensors
+    return (window_attention_train_backward(grad_out, qkv, out, lse, ctx.tokens, ctx.heads,
+                                            ctx.reuse), None, None, None)
+
+
+window_attention_train.register_autograd(_window_attention_grad,
+                                         setup_context=_window_attention_setup)
 
 
 def window_attention(qkv: torch.Tensor, tokens: int, heads: int) -> torch.Tensor:
     """Attention within each run of `tokens` rows of a (windows * tokens, 3C) q/k/v
     projection in window order (see `to_windows`); returns (windows * tokens, C) in the same
     order and dtype, the compute dtype (callers round for emulated autocast). CPU fast path."""
-    return _WindowAttention.apply(qkv, tokens, heads)
+    return window_attention_train(qkv, tokens, heads, reuse_enabled())[0]
 
 
-class _QueryChunkAttention(torch.autograd.Function):
+@torch.library.custom_op("twins::query_chunk_attention_train", mutates_args=())
+def query_chunk_attention_train(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor,
+                                k: torch.Tensor, v: torch.Tensor, rounding: Optional[torch.dtype],
+                                reuse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global sub-sampled attention from tokens: q = x Wq^T + bq in one matmul, then attended
     over the (few) keys/values and written out in token layout a chunk of query tokens at a
-    time; backward collects the q gradient chunk by chunk and runs the two matmuls it feeds
-    once, on all tokens. (One matmul over all tokens runs 2-3x faster in bf16 than one per
-    chunk of 64 channels; the pool keeps q and its gradient from being paged in afresh.)
+    time. (One matmul over all tokens runs 2-3x faster in bf16 than one per chunk of 64
+    channels; the pool keeps q and its gradient from being paged in afresh.)
 
     Takes x (B, N, C) tokens, Wq (C, C), bq (C,), k, v (B, heads, N', hd), all in the compute
-    dtype (fp32 or bf16); returns the (B, N, C) attention output before the output projection.
-    `rounding` rounds q as an emulated-autocast linear would.
+    dtype (fp32 or bf16); returns the (B, N, C) attention output before the output projection,
+    and q (B, N, C) and the fp32 log-sum-exp (B, heads, N) for backward. `rounding` rounds q
+    as an emulated-autocast linear would.
     """
+    B, N, C = x.shape
+    heads = k.shape[1]
+    out = reusable_empty((B, N, C), x, reuse=reuse)
+    lse = reusable_empty((B, heads, N), x, torch.float32, reuse=reuse)
+    q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x, reuse=reuse))
+    q = _round_(q, rounding).view(B, N, C)
+    for b0, b1, t0, t1 in query_chunk_ranges(B, N):
+        o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
+        _heads(out[b0:b1, t0:t1], heads).copy_(o)
+    return out, q, lse
 
-    @staticmethod
-    def forward(ctx, x, wq, bq, k, v, rounding):
-        B, N, C = x.shape
-        heads = k.shape[1]
-        out = reusable_empty((B, N, C), x)
-        lse = reusable_empty((B, heads, N), x, torch.float32)
-        q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x)).view(B, N, C)
-        _round_(q, rounding)
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
-            o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
-            _heads(out[b0:b1, t0:t1], heads).copy_(o)
-        ctx.reuse = reuse_enabled()
-        ctx.save_for_backward(x, wq, q, k, v, out, lse)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, wq, q, k, v, out, lse = ctx.saved_tensors
-        B, N, C = x.shape
-        heads = k.shape[1]
-        grad_out = grad_out.to(x.dtype).contiguous()
-        f32 = torch.float32  # sums over chunks in fp32
-        grad_q = reusable_empty(x.shape, x, reuse=ctx.reuse)
-        grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
-        k, v = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
-        for b0, b1, t0, t1 in query_chunk_ranges(B, N):
-            dq, dk, dv = _flash_backward(
-                _heads(grad_out[b0:b1, t0:t1], heads), _heads(q[b0:b1, t0:t1], heads),
-                k[b0:b1], v[b0:b1], _heads(out[b0:b1, t0:t1], heads),
-                lse[b0:b1, :, t0:t1].contiguous())
-            grad_k[b0:b1] += dk  # every query chunk contributes to its images' keys/values
-            grad_v[b0:b1] += dv
-            _heads(grad_q[b0:b1, t0:t1], heads).copy_(dq)  # rounded to the compute dtype
-        grad_q, x = grad_q.view(B * N, C), x.view(B * N, C)
-        grad_wq = (grad_q.t() @ x).float()
-        grad_bq = grad_q.sum(0, dtype=f32)
-        grad_x = torch.mm(grad_q, wq, out=reusable_empty(x.shape, x, reuse=ctx.reuse))
-        return grad_x.view(B, N, C), grad_wq, grad_bq, grad_k, grad_v, None
+@query_chunk_attention_train.register_fake
+def _(x, wq, bq, k, v, rounding, reuse):
+    B, N, _ = x.shape
+    return (torch.empty_like(x), torch.empty_like(x),
+            x.new_empty(B, k.shape[1], N, dtype=torch.float32))
+
+
+@torch.library.custom_op("twins::query_chunk_attention_train_backward", mutates_args=())
+def query_chunk_attention_train_backward(
+        grad_out: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, q: torch.Tensor,
+        k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, reuse: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, Wq, bq, k, v for `query_chunk_attention_train`: the q gradient is
+    collected chunk by chunk, then the two matmuls it feeds run once, on all tokens. Sums over
+    chunks are in fp32; the gradients come back in the dtypes of the inputs."""
+    B, N, C = x.shape
+    heads = k.shape[1]
+    grad_out = grad_out.to(x.dtype).contiguous()
+    f32 = torch.float32
+    grad_q = reusable_empty(x.shape, x, reuse=reuse)
+    grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
+    k32, v32 = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
+    for b0, b1, t0, t1 in query_chunk_ranges(B, N):
+        dq, dk, dv = _flash_backward(
+            _heads(grad_out[b0:b1, t0:t1], heads), _heads(q[b0:b1, t0:t1], heads),
+            k32[b0:b1], v32[b0:b1], _heads(out[b0:b1, t0:t1], heads),
+            lse[b0:b1, :, t0:t1].contiguous())
+        grad_k[b0:b1] += dk  # every query chunk contributes to its images' keys/values
+        grad_v[b0:b1] += dv
+        _heads(grad_q[b0:b1, t0:t1], heads).copy_(dq)  # rounded to the compute dtype
+    grad_q, x = grad_q.view(B * N, C), x.view(B * N, C)
+    grad_wq = (grad_q.t() @ x).to(wq.dtype)
+    grad_bq = grad_q.sum(0, dtype=f32).to(wq.dtype)
+    grad_x = torch.mm(grad_q, wq, out=reusable_empty(x.shape, x, reuse=reuse))
+    return grad_x.view(B, N, C), grad_wq, grad_bq, grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+@query_chunk_attention_train_backward.register_fake
+def _(grad_out, x, wq, q, k, v, out, lse, reuse):
+    return (torch.empty_like(x), torch.empty_like(wq), wq.new_empty(wq.shape[0]),
+            torch.empty_like(k), torch.empty_like(v))
+
+
+def _query_chunk_setup(ctx, inputs, output):
+    x, wq, _, k, v, _, ctx.reuse = inputs
+    out, q, lse = output
+    ctx.save_for_backward(x, wq, q, k, v, out, lse)
+    _saved_outputs_only(ctx, (q, lse))
+
+
+def _query_chunk_grad(ctx, grad_out, grad_q, grad_lse):
+    if grad_out is None:
+        return (None,) * 7
+    grads = query_chunk_attention_train_backward(grad_out, *ctx.saved_tensors, ctx.reuse)
+    return grads + (None, None)
+
+
+query_chunk_attention_train.register_autograd(_query_chunk_grad, setup_context=_query_chunk_setup)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -666,13 +794,14 @@ def query_chunks(x, wq, bq, heads, rounding=None):
 def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
                           v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v with q = q_layer(x), chunked over query tokens (see
-    `_QueryChunkAttention`); CPU fast path (`chunked_applies`), q_layer with bias. The result
+    `query_chunk_attention_train`); CPU fast path (`chunked_applies`), q_layer with bias. The result
     has the dtype the plain modules would give. Shapes: x (B, N, C), k, v (B, heads, N', hd)
     -> (B, N, C)."""
     rounding = emulated_autocast_dtype(x)
     x, wq, bq, k, v = operands(x, x, q_layer.weight, q_layer.bias, k, v)
     with torch.autocast("cpu", enabled=False):
-        out = _QueryChunkAttention.apply(x.contiguous(), wq, bq, k, v, rounding)
+        out = query_chunk_attention_train(x.contiguous(), wq, bq, k, v, rounding,
+                                          reuse_enabled())[0]
     return out if rounding is None else out.to(rounding)
 
 
