@@ -380,7 +380,8 @@ def mlp_train(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     """
     out = reusable_empty((x.shape[0], w2.shape[0]), x, reuse=reuse)
     pre = reusable_empty((x.shape[0], w1.shape[0]), x, reuse=reuse)
-    act = reusable_empty(_mlp_act_shape(x, w1), x, reuse=reuse)
+    act_shape = _mlp_act_shape(x, w1)
+    act = reusable_empty(act_shape, x, reuse=reuse) if act_shape[0] else x.new_empty(act_shape)
     _mlp_chunks(x, w1, b1, w2, b2, out, pre, rounding, act=act if act.numel() else None)
     return out, pre, act
 
