@@ -616,14 +616,16 @@ def window_attention_train(qkv: torch.Tensor, tokens: int, heads: int,
     gathered.
     """
     out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
-    # lse comes laid out token-major; contiguous (a small copy) as the fake function says.
-    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3), lse.contiguous()
+    # lse laid out (windows, tokens, heads), as the kernel writes it (a copy only if not).
+    return (out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3),
+            _token_major(lse.unsqueeze(-1)).squeeze(-1))
 
 
 @window_attention_train.register_fake
 def _(qkv, tokens, heads, reuse):
+    q = _window_heads(qkv, tokens, heads)[0]
     return (qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3),
-            qkv.new_empty(qkv.shape[0] // tokens, heads, tokens, dtype=torch.float32))
+            _token_major_like(q, torch.float32, last=1).squeeze(-1))
 
 
 @torch.library.custom_op("twins::window_attention_train_backward", mutates_args=())
