@@ -647,12 +647,14 @@ def training_op_inputs(op: str, dtype: torch.dtype):
         return (t(37, 6), t(10, 6), t(10), t(6, 10), t(6), None, True)
     if op == "window_attention_train":  # 5 windows of 9 tokens, 2 heads of 4 channels
         return (t(45, 24), 9, 2, True)
+    if op == "peg_train":  # 2 maps of 5 x 7 tokens, C 6, 3 x 3 kernel; x stays fp32
+        return (t(2, 35, 6).float(), t(6, 1, 3, 3), t(6), 5, 7)
     # 2 images of 11 query tokens, C 8 in 2 heads, 3 key/value tokens
     return (t(2, 11, 8), t(8, 8), t(8), t(2, 2, 3, 4), t(2, 2, 3, 4), None, True)
 
 
 @pytest.mark.parametrize("op", ["mlp_train", "window_attention_train",
-                                "query_chunk_attention_train"])
+                                "query_chunk_attention_train", "peg_train"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_ops_pass_opcheck(op, dtype):
     """Schema, fake (shape and stride) functions, autograd registration and AOT dispatch of the
@@ -688,6 +690,28 @@ def test_flash_attention_applies_to_bf16_autograd_on_cpus_with_bf16_kernels(bf16
         assert not kernels.flash_attention_applies(q)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_peg_training_op_equals_the_plain_computation(precision, bf16_kernels):
+    """In CPU training the PEG is the `twins::peg_train` op, in fp32 and in bf16 where the CPU
+    has bf16 kernels (else the plain module, emulating them); its output and gradients are
+    those of the plain computation (the convolution on an NCHW copy of the map)."""
+    m = PositionalEncodingGenerator(8)
+    torch.nn.init.normal_(m.proj[0].bias)
+    x = torch.randn(2, 5 * 7, 8, requires_grad=True)
+    params = [x, m.proj[0].weight, m.proj[0].bias]
+    out, ref = run(m, precision, x, (5, 7)), run(reference_peg, precision, m, x, (5, 7))
+    uses_op = precision == "fp32" or bf16_kernels == "native"
+    assert ("twins_peg_train" in type(out.grad_fn).__name__) == uses_op
+    assert_matches(out, ref, precision)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        assert g.dtype == w.dtype
+        if precision == "fp32":
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+        else:
+            relative_close(g, w, tol=0.01)
+
+
 @pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
@@ -714,10 +738,11 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
     # Checkpointed blocks are subgraphs of the one graph.
     code = "".join(g.code for g in explained.graphs[0].modules()
                    if isinstance(g, torch.fx.GraphModule))
-    assert "twins.mlp_train" in code and "twins.query_chunk_attention_train" in code
+    assert all(f"twins.{op}" in code for op in ("mlp_train", "query_chunk_attention_train",
+                                                 "peg_train"))
     assert ("twins.window_attention_train" in code) == name.startswith("alt_gvt")
     # The last argument, `reuse`: no pooled buffers in checkpointed blocks.
-    calls = re.findall(r"twins\.\w+_train\.default\(([^)]*)\)", code)
+    calls = re.findall(r"twins\.(?!peg)\w+_train\.default\(([^)]*)\)", code)
     assert {c.rsplit(",", 1)[1].strip() for c in calls} == {str(not grad_checkpointing)}
 
     def step(m):

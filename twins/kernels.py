@@ -29,7 +29,7 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
    kernels accumulate in fp32), at fp32 speed.
 
 The fast paths run in eager mode on the CPU. Under torch.compile the inference residual
-branches and the training kernels (MLP, window attention, global attention) run as custom ops
+branches and the training kernels (MLP, window attention, global attention, PEG) run as custom ops
 (inductor compiles the code around them and calls them); everything else, and everything
 under tracing, export or on CUDA, is standard aten ops: on CUDA the caching allocator and the
 standard kernels already do the right thing.
@@ -349,13 +349,14 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
             linear_into(g, w2, b2, out[s:e])
 
 
-# The training kernels (MLP, window attention, global sub-sampled attention) are custom ops
-# with their backward registered (`torch.library`), in eager mode and under torch.compile
-# alike: inductor compiles the code around them (LayerNorms, residual adds, layout copies) and
-# calls them, rather than tracing their loops or replacing them by standard ops. Each forward
-# op returns what its backward needs besides its inputs; `rounding` is the emulated autocast
-# dtype (None where the CPU has native kernels, and always under torch.compile), and `reuse`
-# whether full-size tensors come from the pool (`reusable_empty`; off in checkpointed blocks).
+# The training kernels (MLP, window attention, global sub-sampled attention, and the PEG
+# further below) are custom ops with their backward registered (`torch.library`), in eager
+# mode and under torch.compile alike: inductor compiles the code around them (LayerNorms,
+# residual adds, layout copies) and calls them, rather than tracing their loops or replacing
+# them by standard ops. Each forward op returns what its backward needs besides its inputs;
+# `rounding` is the emulated autocast dtype (None where the CPU has native kernels, and always
+# under torch.compile), and `reuse` whether full-size tensors come from the pool
+# (`reusable_empty`; off in checkpointed blocks).
 
 
 def _saved_outputs_only(ctx, outputs) -> None:
@@ -1013,6 +1014,97 @@ for _op in (window_attention_residual, global_attention_residual):
 
 
 # ------------------------------------------------------------------------------ convolution
+def _token_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, C) tokens -> the (B, C, H, W) channels-last map they are (a view)."""
+    return x.view(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def _map_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H * W, C): a view of a channels-last map, else one copy."""
+    return t.flatten(2).transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("twins::peg_train", mutates_args=())
+def peg_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height: int,
+              width: int) -> torch.Tensor:
+    """The positional encoding generator in training: x + depthwise_conv(x) over the (H, W)
+    token map, the convolution run channels-last in the dtype of its weight (fp32 or bf16,
+    the compute dtype) and the sum in x's dtype, as `x + conv(x)` under autocast.
+
+    An op with its backward (below) for torch.compile's sake: traced, the convolution's
+    backward got its gradient in another layout than its channels-last input and ran 2.7x
+    slower (the first two stages' PEGs: about 150 ms of a 2.8 s compiled fp32 SVT-S step,
+    profiled). The op computes it on the channels-last map, as eager PyTorch does, and adds the
+    residual's gradient into the input gradient in place, where autograd summed the two into
+    fresh memory. Eager steps call it too (their speed unchanged, within the noise).
+
+    Takes x (B, H * W, C), weight (C, 1, k, k) and bias (C,); returns (B, H * W, C).
+    """
+    feat = _token_map(x, height, width)
+    out = F.conv2d(feat.to(weight.dtype), weight, bias, padding=weight.shape[-1] // 2,
+                   groups=weight.shape[0])
+    if out.dtype == x.dtype:  # fresh and not needed by backward: add in place
+        return _map_tokens(out.add_(feat))
+    return torch.add(x, _map_tokens(out))  # bf16 branch, sum in x's dtype
+
+
+@peg_train.register_fake
+def _(x, weight, bias, height, width):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("twins::peg_train_backward", mutates_args=())
+def peg_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       height: int, width: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, the weight and the bias for `peg_train`."""
+    grad_out = grad_out.contiguous()
+    grad_map = _token_map(grad_out, height, width)  # channels-last, like the forward's map
+    C, k = weight.shape[0], weight.shape[-1]
+    grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_map.to(weight.dtype), _token_map(x, height, width).to(weight.dtype), weight, [C],
+        [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], C, [True, True, True])
+    if grad_in.dtype == grad_out.dtype:
+        grad_x = _map_tokens(grad_in.add_(grad_map))  # a view when grad_in is channels-last
+    else:
+        grad_x = torch.add(grad_out, _map_tokens(grad_in))
+    return grad_x, grad_w, grad_b
+
+
+@peg_train_backward.register_fake
+def _(grad_out, x, weight, height, width):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _peg_train_setup(ctx, inputs, output):
+    x, weight, _, ctx.height, ctx.width = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _peg_train_grad(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    return peg_train_backward(grad_out, x, weight, ctx.height, ctx.width) + (None, None)
+
+
+peg_train.register_autograd(_peg_train_grad, setup_context=_peg_train_setup)
+
+
+def peg_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether `peg` takes x: CPU training with the kernels' native dtypes (see
+    `compute_dtype`; not under emulated autocast), eager or compiled."""
+    return (conv.bias is not None and torch.is_grad_enabled() and chunked_applies(x)
+            and emulated_autocast_dtype(x) is None
+            and (torch.compiler.is_compiling() or x.requires_grad or conv.weight.requires_grad))
+
+
+def peg(x: torch.Tensor, size: Tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
+    """x + conv(x) on the token map for a depth-wise, odd-sized, stride-1 `conv` (see
+    `peg_applies`). Shapes: (B, H * W, C) -> (B, H * W, C)."""
+    weight, bias = operands(x, conv.weight, conv.bias)
+    with torch.autocast("cpu", enabled=False):
+        return peg_train(x.contiguous(), weight, bias, size[0], size[1])
+
+
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """`conv(x)`, computed in fp32 on rounded operands under emulated CPU autocast (see above)."""
     emulated = emulated_autocast_dtype(x)
