@@ -759,6 +759,31 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_inductor_compiled_training_step_matches_eager(monkeypatch, tmp_path):
+    """The same with inductor, torch.compile's default backend, which checks the layout of
+    every custom op's output against the op's fake function and lays out the tensors around
+    the ops itself: an fp32 step of alt_gvt_micro (whole windows from the second stage on)
+    gives the eager step's logits and gradients. A cache of its own: inductor's on-disk cache
+    does not notice a change in a custom op's fake function."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    model = twins.create_model("alt_gvt_micro", num_classes=7)
+    images = torch.randn(2, 3, 64, 64)
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        out = m(images)
+        F.cross_entropy(out, torch.tensor([1, 4])).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    compiled_out, compiled_grads = step(torch.compile(model))
+    eager_out, eager_grads = step(model)
+    # Inductor computes the LayerNorms, adds and the head in its own order: fp32 rounding.
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    for n in eager_grads:
+        torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def count_flash_backward_images(monkeypatch):
     """The batch size of q in each call of the flash backward kernel, as a list that fills."""
     calls, kernel = [], kernels._flash_backward_op
