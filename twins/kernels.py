@@ -1014,14 +1014,23 @@ for _op in (window_attention_residual, global_attention_residual):
 
 
 # ------------------------------------------------------------------------------ convolution
-def _token_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, C) tokens -> the (B, C, H, W) channels-last map they are (a view)."""
-    return x.view(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+def tokens_to_map(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """View tokens as an image, without copying.
+
+    Args:
+        x: (B, N, C) tokens, contiguous, N = H * W.
+        size: (H, W).
+    Returns:
+        (B, C, H, W) tensor in channels-last memory format (a view of x).
+    """
+    B, N, C = x.shape
+    H, W = size
+    return x.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), same memory
 
 
-def _map_tokens(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H * W, C): a view of a channels-last map, else one copy."""
-    return t.flatten(2).transpose(1, 2).contiguous()
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H * W, C); free when x is channels-last, one copy otherwise."""
+    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("twins::peg_train", mutates_args=())
@@ -1040,12 +1049,12 @@ def peg_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, height:
 
     Takes x (B, H * W, C), weight (C, 1, k, k) and bias (C,); returns (B, H * W, C).
     """
-    feat = _token_map(x, height, width)
+    feat = tokens_to_map(x, (height, width))
     out = F.conv2d(feat.to(weight.dtype), weight, bias, padding=weight.shape[-1] // 2,
                    groups=weight.shape[0])
     if out.dtype == x.dtype:  # fresh and not needed by backward: add in place
-        return _map_tokens(out.add_(feat))
-    return torch.add(x, _map_tokens(out))  # bf16 branch, sum in x's dtype
+        return map_to_tokens(out.add_(feat))
+    return torch.add(x, map_to_tokens(out))  # bf16 branch, sum in x's dtype
 
 
 @peg_train.register_fake
@@ -1058,16 +1067,16 @@ def peg_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
                        height: int, width: int
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x, the weight and the bias for `peg_train`."""
+    size, C, k = (height, width), weight.shape[0], weight.shape[-1]
     grad_out = grad_out.contiguous()
-    grad_map = _token_map(grad_out, height, width)  # channels-last, like the forward's map
-    C, k = weight.shape[0], weight.shape[-1]
+    grad_map = tokens_to_map(grad_out, size)  # channels-last, like the forward's map
     grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_map.to(weight.dtype), _token_map(x, height, width).to(weight.dtype), weight, [C],
-        [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], C, [True, True, True])
+        grad_map.to(weight.dtype), tokens_to_map(x, size).to(weight.dtype), weight, [C], [1, 1],
+        [k // 2, k // 2], [1, 1], False, [0, 0], C, [True, True, True])
     if grad_in.dtype == grad_out.dtype:
-        grad_x = _map_tokens(grad_in.add_(grad_map))  # a view when grad_in is channels-last
+        grad_x = map_to_tokens(grad_in.add_(grad_map))  # a view when grad_in is channels-last
     else:
-        grad_x = torch.add(grad_out, _map_tokens(grad_in))
+        grad_x = torch.add(grad_out, map_to_tokens(grad_in))
     return grad_x, grad_w, grad_b
 
 

@@ -15,29 +15,10 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels import (conv2d, low_precision_layer_norm, low_precision_layer_norm_applies, mlp,
-                      mlp_applies)
+from .kernels import (conv2d, low_precision_layer_norm, low_precision_layer_norm_applies,
+                      map_to_tokens, mlp, mlp_applies, tokens_to_map)
 
 Size = Tuple[int, int]
-
-
-def tokens_to_map(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """View tokens as an image, without copying.
-
-    Args:
-        x: (B, N, C) tokens, contiguous, N = H * W.
-        size: (H, W).
-    Returns:
-        (B, C, H, W) tensor in channels-last memory format (a view of x).
-    """
-    B, N, C = x.shape
-    H, W = size
-    return x.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), same memory
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H * W, C); free when x is channels-last, one copy otherwise."""
-    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class LayerNorm(nn.LayerNorm):
