@@ -228,7 +228,8 @@ def keep_implementation_on_load(optimizer):
         groups = state.get('param_groups')
         if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
             return None
-        own = [{key: group[key] for key in ('fused', 'foreach') if key in group} for group in opt.param_groups]
+        own = [{key: group[key] for key in ('fused', 'foreach') if key in group}
+               for group in opt.param_groups]
         return dict(state, param_groups=[{**saved, **mine} for saved, mine in zip(groups, own)])
     optimizer.register_load_state_dict_pre_hook(own_flags)
     return optimizer

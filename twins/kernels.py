@@ -359,6 +359,14 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 # (`reusable_empty`; off in checkpointed blocks).
 
 
+def _runs_training_op(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel runs as its training op for these inputs: under torch.compile (where
+    `compute_dtype` applies the kernels with grad enabled only), or where autograd records
+    an operation on one of them."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                             and any(t.requires_grad for t in tensors))
+
+
 def _saved_outputs_only(ctx, outputs) -> None:
     """Mark outputs returned only for backward as such: no gradient flows into them, and
     backward gets None for them instead of zeros (filling a zero tensor of every saved
@@ -466,8 +474,7 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
                                    fc2.weight, fc2.bias)
     x2d = x2d.contiguous()  # (..., C) -> (M, C)
     with torch.autocast("cpu", enabled=False):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                             and (x2d.requires_grad or w1.requires_grad)):
+        if _runs_training_op(x2d, w1):
             out = mlp_train(x2d, w1, b1, w2, b2, rounding, reuse_enabled())[0]
         else:
             out = x2d.new_empty(x2d.shape[0], w2.shape[0])
@@ -1101,9 +1108,8 @@ peg_train.register_autograd(_peg_train_grad, setup_context=_peg_train_setup)
 def peg_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether `peg` takes x: CPU training with the kernels' native dtypes (see
     `compute_dtype`; not under emulated autocast), eager or compiled."""
-    return (conv.bias is not None and torch.is_grad_enabled() and chunked_applies(x)
-            and emulated_autocast_dtype(x) is None
-            and (torch.compiler.is_compiling() or x.requires_grad or conv.weight.requires_grad))
+    return (conv.bias is not None and chunked_applies(x) and emulated_autocast_dtype(x) is None
+            and _runs_training_op(x, conv.weight))
 
 
 def peg(x: torch.Tensor, size: Tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
