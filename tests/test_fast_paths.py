@@ -384,6 +384,26 @@ def test_patch_embed_drops_partial_patches(precision):
     assert_matches(out, run(reference, precision, image), precision)
 
 
+def test_patch_embed_training_convolves_a_channels_last_image():
+    """In training the patch convolution takes a channels-last copy of the NCHW image; the
+    output and the weight and bias gradients are those of the plain NCHW computation."""
+    m = PatchEmbed(3, 8, 4).train()
+    torch.nn.init.normal_(m.norm.weight)
+    image = torch.randn(3, 3, 13, 10)
+    seen = []
+    hook = m.proj.register_forward_pre_hook(lambda mod, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        out, size = m(image)
+    finally:
+        hook.remove()
+    assert seen == [True] and image.is_contiguous()  # the caller's image is left as it was
+    tokens = F.conv2d(image, m.proj.weight, m.proj.bias, stride=4).flatten(2).transpose(1, 2)
+    ref = F.layer_norm(tokens, (8,), m.norm.weight, m.norm.bias, m.norm.eps)
+    assert size == (3, 2)
+    assert_outputs_and_gradients_match(out, ref, [m.proj.weight, m.proj.bias, m.norm.weight])
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
