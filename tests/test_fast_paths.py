@@ -433,6 +433,31 @@ def test_linear_gradients_equal_autograd():
         torch.testing.assert_close(g, w)
 
 
+def test_large_linear_outputs_come_from_the_pool(monkeypatch):
+    """Training linears whose output is at least `ALWAYS_MAPPED_BYTES` write it into pooled
+    memory, handed out again once free; smaller ones allocate afresh. Values and gradients
+    are those of F.linear either way."""
+    layer = torch.nn.Linear(6, 9)
+    x = torch.randn(20, 6, requires_grad=True)
+    monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 20 * 9 * 4)  # this output's bytes
+    pooled_before = set(kernels._REUSABLE.storages)
+    pointers = []
+    for rows in (20, 20, 19):  # 19 rows: 36 bytes below the threshold
+        out = kernels.linear(x[:rows], layer)
+        pointers.append(out.data_ptr())
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
+        ref = F.linear(x[:rows], layer.weight, layer.bias)
+        want = torch.autograd.grad(ref, (x, layer.weight, layer.bias), grad)
+        torch.testing.assert_close(out, ref)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        del out
+    assert pointers[1] == pointers[0]  # the same pooled memory again
+    added = set(kernels._REUSABLE.storages) - pooled_before
+    assert (19 * 9 * 4, torch.device("cpu")) not in added  # nothing pooled for the small one
+
+
 def test_emulated_bf16_linear_rounds_like_a_bf16_kernel():
     """Under emulation the result is the fp32 product of bf16-rounded operands, rounded once."""
     layer = torch.nn.Linear(16, 8)
