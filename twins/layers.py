@@ -90,8 +90,8 @@ class PatchEmbed(nn.Module):
         self.norm = LayerNorm(embed_dim)  # eps 1e-5, as the official patch embedding
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
-        if not kernels.chunked_applies(x):
-            return self._embed(x)
+        if not (kernels.enabled(x) and kernels.chunked_applies(x)):
+            return self._embed(x)  # also under torch.compile, whose inductor picks layouts
         if not torch.is_grad_enabled() and x.shape[0] > 1:
             return self._forward_by_images(x)
         return self._embed(_channels_last(x))
@@ -107,15 +107,19 @@ class PatchEmbed(nn.Module):
 
     def _forward_by_images(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         """`forward` a few images at a time (eager CPU inference): the channels-last copy of
-        the image and the convolution's output stay chunk-sized instead of being mapped fresh
-        for the whole batch, and only the result is. The same operations on each image: the
-        same values, up to the summation order oneDNN picks for the convolution at another
-        batch size."""
+        the image (in a reused buffer) and the convolution's output stay chunk-sized instead
+        of being mapped fresh for the whole batch, and only the result is. The same
+        operations on each image: the same values, up to the summation order oneDNN picks for
+        the convolution at another batch size."""
         B, p = x.shape[0], self.patch_size
         tokens = max(1, (x.shape[2] // p) * (x.shape[3] // p))  # per image
         out, size = None, None
         for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // tokens)):
-            y, size = self._embed(_channels_last(x[b0:b1]))
+            image = x[b0:b1]
+            # The channels-last copy goes to a reused buffer (a view of it, in that layout).
+            b, c, h, w = image.shape
+            buf = kernels.scratch("patch_embed.image", b, c * h * w, image)
+            y, size = self._embed(buf.view(b, h, w, c).permute(0, 3, 1, 2).copy_(image))
             out = y.new_empty(B, *y.shape[1:]) if out is None else out
             out[b0:b1] = y
         return out, size
