@@ -116,10 +116,10 @@ class PatchEmbed(nn.Module):
         out, size = None, None
         for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // tokens)):
             image = x[b0:b1]
-            # The channels-last copy goes to a reused buffer (a view of it, in that layout).
             b, c, h, w = image.shape
-            buf = kernels.scratch("patch_embed.image", b, c * h * w, image)
-            y, size = self._embed(buf.view(b, h, w, c).permute(0, 3, 1, 2).copy_(image))
+            # The channels-last copy goes to a reused buffer, viewed as a channels-last map.
+            buf = kernels.scratch("patch_embed.image", b, h * w * c, image)
+            y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image))
             out = y.new_empty(B, *y.shape[1:]) if out is None else out
             out[b0:b1] = y
         return out, size
