@@ -58,18 +58,6 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """x in channels-last memory format, the layout the CPU patch convolution is fast in.
-
-    The image comes in NCHW: oneDNN's convolution of it took 4x longer than of a channels-last
-    copy (3 -> 64 channels, 4 x 4 patches, 32 images at 224: 14 ms against 3.5 ms with the
-    copy), wrote an NCHW result that the LayerNorm then copied to tokens, and in backward
-    copied the (channels-last) token gradient back to NCHW. The later stages' token maps are
-    channels-last already (no copy).
-    """
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping patch embedding: Conv2d(kernel = stride = patch_size), then LayerNorm.
 
@@ -92,9 +80,14 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         if not (kernels.enabled(x) and kernels.chunked_applies(x)):
             return self._embed(x)  # also under torch.compile, whose inductor picks layouts
+        # Eager CPU: the convolution takes a channels-last copy of the NCHW image. oneDNN's
+        # convolution of the NCHW image took 4x longer (3 -> 64 channels, 4 x 4 patches, 32
+        # images at 224: 14 ms against 3.5 ms with the copy), wrote an NCHW result that the
+        # LayerNorm then copied to tokens, and in backward copied the (channels-last) token
+        # gradient back to NCHW. The later stages' token maps are channels-last already.
         if not torch.is_grad_enabled() and x.shape[0] > 1:
-            return self._forward_by_images(x)
-        return self._embed(_channels_last(x))
+            return self._forward_by_images(x)  # the copy chunk by chunk, into a reused buffer
+        return self._embed(x.contiguous(memory_format=torch.channels_last))
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         x = conv2d(x, self.proj)
