@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twins
+from twins import native
 from utils import fused_optimizer_kwargs, retain_freed_memory
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -560,11 +561,13 @@ def source_revision(root: Optional[Path] = None, ignore: Optional[Path] = None) 
 
 # Environment variables that change how fast the same code runs: the allocator (PyTorch's
 # transparent-huge-page switch, glibc's malloc tunables, a preloaded jemalloc/tcmalloc) and the
-# thread pools. Recorded with the figures when set.
+# thread pools, the native kernels (TWINS_NATIVE=0 turns them off). Recorded with the figures
+# when set.
 PERFORMANCE_ENV = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES",
                    "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY",
-                   "KMP_BLOCKTIME", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "ONEDNN_MAX_CPU_ISA")
+                   "KMP_BLOCKTIME", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "ONEDNN_MAX_CPU_ISA",
+                   "TWINS_NATIVE")
 
 
 def performance_env() -> Dict[str, str]:
@@ -580,6 +583,7 @@ def environment(device: torch.device, output_dir: Optional[Path] = None) -> Dict
             "device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_kernels": native.status() if device.type == "cpu" else None,
             "env": performance_env()}
     try:
         import timm

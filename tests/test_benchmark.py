@@ -13,6 +13,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import benchmark
 import twins
+from twins import native
 from benchmark import Config, Timing
 
 
@@ -136,6 +137,10 @@ def test_environment_records_performance_variables(tmp_path, monkeypatch):
     assert header.endswith(", with THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=2")
     data = json.loads((tmp_path / "benchmark_envtest.json").read_text())
     assert data["environment"]["env"] == env["env"]
+    assert data["environment"]["native_kernels"] == native.status()
+    monkeypatch.setenv("TWINS_NATIVE", "0")  # the native kernels turned off: recorded as such
+    env = benchmark.environment(torch.device("cpu"))
+    assert env["env"]["TWINS_NATIVE"] == "0" and env["native_kernels"] == "off (TWINS_NATIVE=0)"
 
 
 def test_main_writes_json_and_markdown(tmp_path):

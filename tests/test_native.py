@@ -1,7 +1,6 @@
 """The native CPU kernels (twins/native.cpp) against float64 references, their use by the MLP's
 backward, and the PyTorch fallback when they cannot be built or are turned off."""
 import shutil
-import types
 
 import pytest
 import torch

@@ -63,6 +63,13 @@ def ops():
     return _state["ops"]
 
 
+def status() -> str:
+    """What runs here, for logs: the instruction set the kernels were built for, or why none."""
+    if disabled():
+        return "off (TWINS_NATIVE=0)"
+    return f"built for {capability()}" if ops() is not None else "unavailable"
+
+
 def _build():
     cap = capability()
     if cap is None:
