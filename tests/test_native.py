@@ -45,7 +45,7 @@ def test_gelu_backward_matches_float64(rows, hidden):
 def test_gelu_backward_rejects_what_it_does_not_handle():
     ops = native_ops()
     a = torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="contiguous fp32"):
+    with pytest.raises(RuntimeError, match="contiguous fp32 CPU tensors, not BFloat16"):
         ops.gelu_backward_(a.bfloat16(), a.bfloat16(), a.bfloat16(), torch.zeros(8))
     with pytest.raises(RuntimeError, match="contiguous fp32"):
         ops.gelu_backward_(a.t().contiguous().t(), a.clone(), a.clone(), torch.zeros(8))
@@ -67,8 +67,14 @@ class _Counting:
 
 
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
-def test_mlp_gradients_with_and_without_native_kernels(chunk_rows, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-emulated"])
+def test_mlp_gradients_with_and_without_native_kernels(precision, chunk_rows, monkeypatch):
+    """fp32; and bf16 autocast, as on a CPU with bf16 kernels (the MLP computes in bf16 and saves
+    the GELU output) and as on one without (it rounds like autocast in fp32), where the PyTorch
+    passes run in both cases."""
     counting = _Counting(native_ops())
+    if precision.startswith("bf16"):
+        monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, precision == "bf16")
     monkeypatch.setattr(kernels, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     m = Mlp(10, 36)
@@ -77,15 +83,19 @@ def test_mlp_gradients_with_and_without_native_kernels(chunk_rows, monkeypatch):
     grad = torch.randn(3, 7, 10)
 
     def grads():
-        return torch.autograd.grad(m(x), params, grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            out = m(x)
+        return torch.autograd.grad(out, params, grad.to(out.dtype))
 
     monkeypatch.setattr(native, "ops", lambda: counting)
     fused = grads()
-    assert counting.calls == -(-21 // chunk_rows)  # one call per chunk of tokens
     monkeypatch.setattr(native, "ops", lambda: None)
     plain = grads()
+    tol = dict(atol=1e-5, rtol=1e-5) if precision == "fp32" else dict(atol=3e-2, rtol=3e-2)
     for name, f, p in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], fused, plain):
-        torch.testing.assert_close(f, p, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(f, p, **tol, msg=name)
+    # One call per chunk of tokens in fp32, none in bf16.
+    assert counting.calls == (-(-21 // chunk_rows) if precision == "fp32" else 0)
 
 
 def test_turned_off_by_the_environment(monkeypatch):

@@ -32,7 +32,9 @@ The fast paths run in eager mode on the CPU. Under torch.compile the inference r
 branches and the training kernels (MLP, window attention, global attention, PEG) run as custom ops
 (inductor compiles the code around them and calls them); everything else, and everything
 under tracing, export or on CUDA, is standard aten ops: on CUDA the caching allocator and the
-standard kernels already do the right thing.
+standard kernels already do the right thing. Where PyTorch needs several element-wise passes
+that one pass could do, a native kernel (`native.py`) does it if it could be built, and the
+PyTorch passes run otherwise.
 """
 import contextlib
 import math
@@ -398,7 +400,8 @@ def mlp_train(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     """Training form of `mlp`: out, fc1's output and, in bf16, the GELU's output (saved for
     backward at half the bytes: 3-6% faster steps measured on SVT-S and PCPVT-S, whose wider
     MLPs spend more on the GELU; in fp32 no gain, at twice the memory, so backward recomputes
-    it chunk by chunk and the third output is empty).
+    it chunk by chunk, in the native pass that also forms its gradient where that is built, and
+    the third output is empty).
 
     Takes 2-D x (M, C), fc1 W1 (H, C), b1 (H,), fc2 W2 (C_out, H), b2 (C_out,), all in the
     compute dtype (fp32 or bf16). Returns (M, C_out), (M, H), (M, H) or (0, 0).
@@ -437,22 +440,20 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
     f32 = torch.float32
     grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
     grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
-    # fp32: one native pass recomputes the GELU and turns dh into the gradient of fc1's output,
-    # summing it into grad_b1 (half the time of the three PyTorch passes).
+    # fp32: one native pass (if built) recomputes the GELU output, turns dh into the gradient
+    # of fc1's output and sums that into grad_b1, where PyTorch takes three.
     fused = native.ops() if not act.numel() and rounding is None else None
     for s, e in chunks(M, CHUNK_ROWS):
         dh, dy = grad_h[:e - s], grad_out[s:e]
         torch.mm(dy, w2, out=dh)  # gradient of the GELU output
-        if act.numel():
-            g = act[s:e]
-        else:  # recomputed into a chunk-sized buffer
-            g = scratch("mlp.act", e - s, H, x)
-            if fused is not None:
-                fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
-            else:
+        # The GELU output: saved (bf16), or recomputed into a chunk-sized buffer.
+        g = act[s:e] if act.numel() else scratch("mlp.act", e - s, H, x)
+        if fused is not None:
+            fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
+        else:
+            if not act.numel():
                 torch.ops.aten.gelu.out(pre[s:e], out=g)
                 _round_(g, rounding)
-        if fused is None:
             torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
             grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
         accumulate_mm(grad_w2, dy.t(), g)

@@ -1,13 +1,14 @@
 // Native CPU kernels of the Twins fast paths (see twins/native.py): element-wise passes that
 // PyTorch runs as several separate kernels, fused into one pass over the data. Built on first
-// use for the CPU's vector instruction set (ATen's `Vectorized`, the same erf/exp as PyTorch's
-// own GELU kernels) and registered as operators in the `twins_native` namespace.
+// use for the CPU's vector instruction set (ATen's `Vectorized`: the erf and exp of PyTorch's
+// own gelu_backward kernel) and registered as operators in the `twins_native` namespace.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -15,8 +16,8 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// Rows summed into a block-local buffer before the buffer is added into the thread's sum, so
-// that no fp32 running sum takes more than about sqrt(rows) additions per entry.
+// The bias gradient is summed in two levels: rows into a block of at most this many, blocks
+// into the part of the rows one task covers; then the parts, in order.
 constexpr int64_t kSumBlockRows = 64;
 
 // The two factors of GELU's derivative at x: cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 and
@@ -38,65 +39,79 @@ inline void gelu_cdf_pdf(const Vec& x, Vec& cdf, Vec& pdf) {
   pdf = Vec(static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5)) * e;
 }
 
-// For pre-activations p (M, H) and the gradient g (M, H) of GELU(p), in one pass:
+// gelu_backward_ on rows [begin, end): their bias gradient sums go into `total` (H,).
+void gelu_backward_rows(const float* P, float* G, float* A, int64_t H, int64_t begin,
+                        int64_t end, float* total) {
+  const float alpha = static_cast<float>(M_SQRT1_2);
+  const float beta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+  std::vector<float> block(H);
+  for (int64_t r0 = begin; r0 < end; r0 += kSumBlockRows) {
+    std::fill(block.begin(), block.end(), 0.f);
+    for (int64_t r = r0; r < std::min(end, r0 + kSumBlockRows); ++r) {
+      const float* p = P + r * H;
+      float* g = G + r * H;
+      float* a = A + r * H;
+      float* b = block.data();
+      int64_t j = 0;
+      for (; j + Vec::size() <= H; j += Vec::size()) {
+        const Vec x = Vec::loadu(p + j);
+        Vec cdf, pdf;
+        gelu_cdf_pdf(x, cdf, pdf);
+        (x * cdf).store(a + j);
+        const Vec dx = Vec::loadu(g + j) * (cdf + x * pdf);
+        dx.store(g + j);
+        (Vec::loadu(b + j) + dx).store(b + j);
+      }
+      for (; j < H; ++j) {  // the last H % Vec::size() columns
+        const float x = p[j];
+        const float cdf = 0.5f * (1.f + std::erf(x * alpha));
+        const float pdf = beta * std::exp(x * x * -0.5f);
+        a[j] = x * cdf;
+        g[j] *= cdf + x * pdf;
+        b[j] += g[j];
+      }
+    }
+    for (const auto j : c10::irange(H)) total[j] += block[j];
+  }
+}
+
+// For pre-activations p (M, H) and the gradient g (M, H) of GELU(p), fp32, in one pass:
 //   act = GELU(p)                  (exact erf form, as torch.nn.functional.gelu)
 //   g  <- g * GELU'(p)             (in place: the gradient of p)
 //   grad_bias += column sums of the new g
-// PyTorch needs three passes for this (gelu, gelu_backward, sum), each evaluating the erf anew.
+// PyTorch runs three passes for this (gelu, gelu_backward, sum), and evaluates the erf in two
+// of them and an exponential besides in gelu_backward.
 void gelu_backward_(const at::Tensor& pre, const at::Tensor& grad, const at::Tensor& act,
                     const at::Tensor& grad_bias) {
+  const char* name = "twins_native::gelu_backward_";
   TORCH_CHECK(pre.dim() == 2 && pre.sizes() == grad.sizes() && pre.sizes() == act.sizes(),
-              "twins_native::gelu_backward_: pre, grad and act must be (M, H) of one shape");
+              name, ": pre, grad and act must be (M, H) of one shape");
   TORCH_CHECK(grad_bias.dim() == 1 && grad_bias.size(0) == pre.size(1),
-              "twins_native::gelu_backward_: grad_bias must be (H,)");
+              name, ": grad_bias must be (H,)");
   for (const at::Tensor* t : {&pre, &grad, &act, &grad_bias}) {
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "twins_native::gelu_backward_ takes contiguous fp32 CPU tensors");
+                name, " takes contiguous fp32 CPU tensors, not ", t->scalar_type());
   }
   const int64_t M = pre.size(0), H = pre.size(1);
   const float* P = pre.const_data_ptr<float>();
   float* G = grad.mutable_data_ptr<float>();
   float* A = act.mutable_data_ptr<float>();
-  const int threads = at::get_num_threads();
-  std::vector<float> sums(static_cast<size_t>(threads) * H, 0.f);
-
-  at::parallel_for(0, M, kSumBlockRows, [&](int64_t begin, int64_t end) {
-    float* total = sums.data() + static_cast<int64_t>(at::get_thread_num()) * H;
-    std::vector<float> block(H);
-    const float s_alpha = static_cast<float>(M_SQRT1_2);
-    const float s_beta = static_cast<float>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-    for (int64_t r0 = begin; r0 < end; r0 += kSumBlockRows) {
-      std::fill(block.begin(), block.end(), 0.f);
-      for (int64_t r = r0; r < std::min(end, r0 + kSumBlockRows); ++r) {
-        const float* p = P + r * H;
-        float* g = G + r * H;
-        float* a = A + r * H;
-        int64_t j = 0;
-        for (; j + Vec::size() <= H; j += Vec::size()) {
-          const Vec x = Vec::loadu(p + j);
-          const Vec dy = Vec::loadu(g + j);
-          Vec cdf, pdf;
-          gelu_cdf_pdf(x, cdf, pdf);
-          (x * cdf).store(a + j);
-          const Vec dx = dy * (cdf + x * pdf);
-          dx.store(g + j);
-          (Vec::loadu(block.data() + j) + dx).store(block.data() + j);
-        }
-        for (; j < H; ++j) {
-          const float x = p[j];
-          const float cdf = 0.5f * (1.f + std::erf(x * s_alpha));
-          const float pdf = s_beta * std::exp(x * x * -0.5f);
-          a[j] = x * cdf;
-          g[j] *= cdf + x * pdf;
-          block[j] += g[j];
-        }
-      }
-      for (const auto j : c10::irange(H)) total[j] += block[j];
+  // The rows in one part per thread, each part's bias sums in a slot of its own, added in order
+  // at the end: the same sums whichever thread runs which part.
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (M + kSumBlockRows - 1) / kSumBlockRows));
+  const int64_t part_rows = (M + parts - 1) / parts;
+  std::vector<float> sums(static_cast<size_t>(parts * H), 0.f);
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      const int64_t begin = part * part_rows;
+      gelu_backward_rows(P, G, A, H, begin, std::min(M, begin + part_rows),
+                         sums.data() + part * H);
     }
   });
   float* B = grad_bias.mutable_data_ptr<float>();
-  for (const auto t : c10::irange(threads)) {
-    for (const auto j : c10::irange(H)) B[j] += sums[t * H + j];
+  for (const auto part : c10::irange(parts)) {
+    for (const auto j : c10::irange(H)) B[j] += sums[part * H + j];
   }
 }
 
