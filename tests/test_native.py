@@ -107,8 +107,10 @@ def test_turned_off_by_the_environment(monkeypatch):
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     from torch.utils import cpp_extension
 
-    def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension\nc++: command not found")
+    def no_compiler(**kwargs):  # what torch.utils.cpp_extension raises (shortened)
+        raise RuntimeError("Error building extension 'twins_native_avx512': [1/2] c++ -c "
+                           "native.cpp -o native.o\nFAILED: native.o\n/bin/sh: 1: c++: not found"
+                           "\nninja: build stopped: subcommand failed.")
 
     if native.capability() is None:
         pytest.skip("no build is attempted on this CPU")
@@ -116,7 +118,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setitem(native._state, "tried", False)
     monkeypatch.setitem(native._state, "ops", None)
-    with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found"):
+    with pytest.warns(RuntimeWarning, match=r"\(RuntimeError: /bin/sh: 1: c\+\+: not found;"):
         assert native.ops() is None
     assert native.ops() is None  # tried once: no second build, no second warning
 
@@ -124,3 +126,15 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     x = torch.randn(2, 5, 6, requires_grad=True)
     m(x).sum().backward()
     assert torch.isfinite(x.grad).all() and m.fc1.bias.grad.abs().sum() > 0
+
+
+def test_a_build_failure_is_told_by_its_first_error_line():
+    compile_error = ("Error building extension 'twins_native_avx512': [1/2] c++ -c native.cpp\n"
+                     "FAILED: native.o\n"
+                     "native.cpp:5:10: fatal error: ATen/Parallel.h: No such file or directory\n"
+                     "compilation terminated.\n"
+                     "ninja: build stopped: subcommand failed.")
+    assert native._reason(compile_error) == (
+        "native.cpp:5:10: fatal error: ATen/Parallel.h: No such file or directory")
+    assert native._reason("something else\nwent wrong\n") == "went wrong"
+    assert native._reason("") == "no message"

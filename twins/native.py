@@ -10,6 +10,7 @@ the flags change; concurrent processes (torchrun) wait for one build.
 import logging
 import os
 import platform
+import re
 import shutil
 import sysconfig
 import threading
@@ -89,10 +90,9 @@ def _build():
                            extra_cflags=_COMMON_FLAGS + _FLAGS[cap], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch paths run
-        lines = str(e).strip().splitlines()
         warnings.warn(f"twins: native CPU kernels unavailable, using the PyTorch implementations "
-                      f"({type(e).__name__}: {lines[-1] if lines else e})", RuntimeWarning,
-                      stacklevel=3)
+                      f"({type(e).__name__}: {_reason(str(e))}; TWINS_NATIVE=0 skips the build)",
+                      RuntimeWarning, stacklevel=3)
         return None
     finally:
         if path is None:
@@ -101,3 +101,13 @@ def _build():
             os.environ["PATH"] = path
         logger.setLevel(level)
     return torch.ops.twins_native
+
+
+def _reason(message: str) -> str:
+    """The line of a build failure's output that says what went wrong: the first naming an error
+    or a missing program (the compiler's output comes before ninja's last words), else the last."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"error:|not found|no such file", line, re.IGNORECASE):
+            return line
+    return lines[-1] if lines else "no message"
