@@ -1,6 +1,9 @@
 """The native CPU kernels (twins/native.cpp) against float64 references, their use by the MLP's
 backward, and the PyTorch fallback when they cannot be built or are turned off."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +141,32 @@ def test_a_build_failure_is_told_by_its_first_error_line():
         "native.cpp:5:10: fatal error: ATen/Parallel.h: No such file or directory")
     assert native._reason("something else\nwent wrong\n") == "went wrong"
     assert native._reason("") == "no message"
+
+
+AVX2_CHECK = """
+import torch
+from twins import native
+native.capability = lambda: "AVX2"  # build the AVX2 variant on this (AVX-512) CPU
+ops = native.ops()
+assert native.status() == "built for AVX2", native.status()
+torch.manual_seed(0)
+pre, grad = torch.randn(131, 67) * 3, torch.randn(131, 67)
+act, grad_bias, got = torch.empty_like(pre), torch.zeros(67), grad.clone()
+ops.gelu_backward_(pre, got, act, grad_bias)
+want = torch.ops.aten.gelu_backward(grad.double(), pre.double())
+torch.testing.assert_close(act.double(), torch.nn.functional.gelu(pre.double()), atol=1e-6, rtol=0)
+torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
+torch.testing.assert_close(grad_bias.double(), want.sum(0), atol=1e-5, rtol=1e-6)
+print("ok")
+"""
+
+
+def test_the_avx2_build_matches_float64_too():
+    """The kernels as built for AVX2 CPUs (8-lane vectors, ATen's AVX2 erf and exp), run on this
+    one; in a process of its own, since one process holds one build of the operators."""
+    if native.capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU, which runs the AVX2 build as well")
+    native_ops()  # the compiler works here
+    run = subprocess.run([sys.executable, "-c", AVX2_CHECK], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
