@@ -115,9 +115,8 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
                            "native.cpp -o native.o\nFAILED: native.o\n/bin/sh: 1: c++: not found"
                            "\nninja: build stopped: subcommand failed.")
 
-    if native.capability() is None:
-        pytest.skip("no build is attempted on this CPU")
     monkeypatch.delenv("TWINS_NATIVE", raising=False)
+    monkeypatch.setattr(native, "capability", lambda: "AVX2")  # a build is tried, whatever CPU
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setitem(native._state, "tried", False)
     monkeypatch.setitem(native._state, "ops", None)
@@ -146,7 +145,7 @@ def test_a_build_failure_is_told_by_its_first_error_line():
 AVX2_CHECK = """
 import torch
 from twins import native
-native.capability = lambda: "AVX2"  # build the AVX2 variant on this (AVX-512) CPU
+native.capability = lambda: "AVX2"  # the AVX2 variant, also on an AVX-512 CPU
 ops = native.ops()
 assert native.status() == "built for AVX2", native.status()
 torch.manual_seed(0)
@@ -163,10 +162,9 @@ print("ok")
 
 def test_the_avx2_build_matches_float64_too():
     """The kernels as built for AVX2 CPUs (8-lane vectors, ATen's AVX2 erf and exp), run on this
-    one; in a process of its own, since one process holds one build of the operators."""
-    if native.capability() != "AVX512":
-        pytest.skip("needs an AVX-512 CPU, which runs the AVX2 build as well")
-    native_ops()  # the compiler works here
+    one (AVX2 or AVX-512); in a process of its own, since one process holds one build of the
+    operators."""
+    native_ops()  # this CPU runs AVX2 code, and the compiler works here
     run = subprocess.run([sys.executable, "-c", AVX2_CHECK], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
