@@ -440,18 +440,18 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
     f32 = torch.float32
     grad_w1, grad_b1 = torch.zeros_like(w1, dtype=f32), w1.new_zeros(H, dtype=f32)
     grad_w2, grad_b2 = torch.zeros_like(w2, dtype=f32), grad_out.sum(0).float()
-    # fp32: one native pass (if built) recomputes the GELU output, turns dh into the gradient
-    # of fc1's output and sums that into grad_b1, where PyTorch takes three.
-    fused = native.ops() if not act.numel() and rounding is None else None
+    recompute = not act.numel()  # fp32: the GELU output is recomputed, not saved
+    # There one native pass (if built) recomputes it, turns dh into the gradient of fc1's
+    # output and sums that into grad_b1, where PyTorch takes three.
+    fused = native.ops() if recompute and rounding is None else None
     for s, e in chunks(M, CHUNK_ROWS):
         dh, dy = grad_h[:e - s], grad_out[s:e]
         torch.mm(dy, w2, out=dh)  # gradient of the GELU output
-        # The GELU output: saved (bf16), or recomputed into a chunk-sized buffer.
-        g = act[s:e] if act.numel() else scratch("mlp.act", e - s, H, x)
+        g = scratch("mlp.act", e - s, H, x) if recompute else act[s:e]
         if fused is not None:
             fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
         else:
-            if not act.numel():
+            if recompute:
                 torch.ops.aten.gelu.out(pre[s:e], out=g)
                 _round_(g, rounding)
             torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
