@@ -575,13 +575,27 @@ def performance_env() -> Dict[str, str]:
     return {name: os.environ[name] for name in PERFORMANCE_ENV if name in os.environ}
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), which Python's `platform`
+    does not give on Linux; the architecture where the system does not say."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, output_dir: Optional[Path] = None) -> Dict:
     """What the figures depend on: code revision (outputs in `output_dir` aside), versions,
     device, threads, allocator and thread settings from the environment, machine load."""
     info = {"commit": source_revision(ignore=output_dir), "torch": torch.__version__,
             "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_kernels": native.status() if device.type == "cpu" else None,
             "env": performance_env()}
@@ -609,6 +623,8 @@ def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command
     result = {"command": command, "settings": settings, "environment": env, "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     header = f"Command: `{command}`"
+    if env.get("cpu"):  # which machine: figures of different CPUs differ
+        header += f" on {env['cpu']} ({env.get('cpu_capability')})"
     if env["commit"]:
         header += f" at commit {env['commit']}"
     if env["env"]:

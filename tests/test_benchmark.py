@@ -2,6 +2,7 @@
 import argparse
 import json
 import mmap
+import platform
 import statistics
 import subprocess
 from types import SimpleNamespace
@@ -135,12 +136,24 @@ def test_environment_records_performance_variables(tmp_path, monkeypatch):
     benchmark.write_results([], args, env, "python benchmark.py")
     header = (tmp_path / "benchmark_envtest.md").read_text().splitlines()[0]
     assert header.endswith(", with THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=2")
+    assert f" on {benchmark.cpu_model()} ({torch.backends.cpu.get_cpu_capability()})" in header
     data = json.loads((tmp_path / "benchmark_envtest.json").read_text())
     assert data["environment"]["env"] == env["env"]
     assert data["environment"]["native_kernels"] == native.status()
     monkeypatch.setenv("TWINS_NATIVE", "0")  # the native kernels turned off: recorded as such
     env = benchmark.environment(torch.device("cpu"))
     assert env["env"]["TWINS_NATIVE"] == "0" and env["native_kernels"] == "off (TWINS_NATIVE=0)"
+
+
+def test_cpu_model_names_the_processor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+                    "flags\t\t: fpu avx2\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert benchmark.cpu_model(str(info)) == "AMD EPYC 7B13"
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # blank: the architecture instead
+    assert benchmark.cpu_model(str(info)) == (platform.processor() or platform.machine())
+    assert benchmark.cpu_model(str(tmp_path / "missing")) == (platform.processor()
+                                                              or platform.machine())
 
 
 def test_main_writes_json_and_markdown(tmp_path):
@@ -154,7 +167,8 @@ def test_main_writes_json_and_markdown(tmp_path):
     revision = benchmark.source_revision(ignore=tmp_path)
     assert data["environment"]["commit"] == revision
     header = (tmp_path / "benchmark_unit.md").read_text().splitlines()[0]
-    assert header.endswith(f"` at commit {revision}" if revision else "`")
+    machine = f"` on {benchmark.cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+    assert header.endswith(machine + (f" at commit {revision}" if revision else ""))
     assert len(data["rows"]) == len(rows) == 4
     row = data["rows"][0]
     assert row["config"] == dict(model="alt_gvt_micro", batch_size=2, img_size=32, precision="fp32",
