@@ -288,6 +288,28 @@ def _current_rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Initializer of the benchmark's worker processes: on Linux, have the kernel end the worker
+    when its parent dies, so that stopping a run (Ctrl-C, kill, a crash) stops its timing
+    workers too instead of leaving them running, and skewing whatever is timed next, for
+    minutes. Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def worker_pool(workers: int = 1) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool of fresh (spawned) processes that end with this one (`_exit_with_parent`)."""
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
 def _cpu_peak_memory_worker(cfg: Config, impl: str, seed: int, warmup: int,
                             threads: int) -> Dict[str, int]:
     """In a fresh process: RSS before the first step and max RSS after warmup + 1 steps."""
@@ -322,9 +344,9 @@ def peak_memory(cfg: Config, impl: str, step: Callable, device: torch.device, se
         step()
         synchronize(device)
         return {"rss_before_step": before, "peak": torch.cuda.max_memory_allocated(device)}
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_cpu_peak_memory_worker, (cfg, impl, seed, warmup, torch.get_num_threads()))
+    with worker_pool() as pool:
+        return pool.submit(_cpu_peak_memory_worker, cfg, impl, seed, warmup,
+                           torch.get_num_threads()).result()
 
 
 # --------------------------------------------------------------------------------- profile
@@ -445,7 +467,6 @@ def run_config_isolated(cfg: Config, args: argparse.Namespace) -> Dict:
     runs with a heap of its own making.
     """
     impls = IMPLS if args.compare_timm else ("ours",)
-    context = multiprocessing.get_context("spawn")
     parts: List[Dict] = []
     for round_ in range(args.rounds):
         for impl in impls:
@@ -453,7 +474,7 @@ def run_config_isolated(cfg: Config, args: argparse.Namespace) -> Dict:
             part_args.profile = args.profile and round_ == 0
             part_args.memory = args.memory and round_ == 0
             compare = round_ == 0 and impl == impls[0]
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            with worker_pool() as pool:
                 parts.append(pool.submit(_run_config_here, cfg, part_args, (impl,), compare).result())
     row = {key: value for key, value in parts[0].items() if key not in impls}
     row["timed"] = list(impls)

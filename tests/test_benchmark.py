@@ -2,9 +2,14 @@
 import argparse
 import json
 import mmap
+import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -154,6 +159,43 @@ def test_cpu_model_names_the_processor(tmp_path):
     assert benchmark.cpu_model(str(info)) == (platform.processor() or platform.machine())
     assert benchmark.cpu_model(str(tmp_path / "missing")) == (platform.processor()
                                                               or platform.machine())
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` is gone or a zombie (dead, waiting for a parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_worker_processes_end_with_the_benchmark():
+    """Killing a benchmark run (here with SIGKILL, which runs no cleanup) also ends the worker
+    process timing a model for it, instead of leaving it to skew what is timed next."""
+    script = ("import os, time, benchmark\n"
+              "pool = benchmark.worker_pool()\n"
+              "print(pool.submit(os.getpid).result(), flush=True)\n"
+              "pool.submit(time.sleep, 300)\n"
+              "time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(benchmark.__file__).parent)
+    worker = None
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)  # the worker is in time.sleep(300) now
+        assert not _ended(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _ended(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ended(worker), "the worker outlived the benchmark process"
+    finally:
+        parent.kill()
+        if worker is not None and not _ended(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_main_writes_json_and_markdown(tmp_path):
