@@ -510,10 +510,14 @@ def test_whole_model_bf16_close_to_native_autocast(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_torch_compile_traces_one_graph(name, precision, bf16_kernels):
+@pytest.mark.parametrize("precision, bf16_kernels", [("fp32", None), ("bf16", "native"),
+                                                     ("bf16", "emulated")])
+def test_torch_compile_traces_one_graph(name, precision, bf16_kernels, monkeypatch):
     """Under torch.compile the fast paths step aside without a graph break (a break splits the
-    model into pieces that recompile for every stage width), on either kind of CPU."""
+    model into pieces that recompile for every stage width), on either kind of CPU (as
+    `bf16_kernels` below, for bf16 only)."""
+    if bf16_kernels is not None:
+        monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, bf16_kernels == "native")
     model = twins.create_model(name).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
