@@ -28,6 +28,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -289,18 +290,15 @@ def _current_rss_bytes() -> int:
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Initializer of the benchmark's worker processes: on Linux, have the kernel end the worker
-    when its parent dies, so that stopping a run (Ctrl-C, kill, a crash) stops its timing
-    workers too instead of leaving them running, and skewing whatever is timed next, for
-    minutes. Elsewhere a no-op."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request took effect
+    """Initializer of the benchmark's worker processes: end the worker as soon as its parent
+    is gone, so that stopping a run (Ctrl-C, kill, a crash) stops its timing workers too
+    instead of leaving them running, and skewing whatever is timed next, for minutes. A
+    daemon thread checks twice a second (no work on the timed path)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
         os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def worker_pool(workers: int = 1) -> concurrent.futures.ProcessPoolExecutor:
