@@ -509,43 +509,51 @@ def test_whole_model_bf16_close_to_native_autocast(monkeypatch):
     torch.testing.assert_close(fast.float(), native.float(), **BF16_TOL)
 
 
+def compiled_in_one_graph(model, graphs):
+    """`model` under torch.compile through AOTAutograd (the custom ops' shape functions, the
+    casts around them), in one graph: `fullgraph` turns a break into an error that names it (a
+    break splits the model into pieces that recompile for every stage width). The graph dynamo
+    hands the backend is appended to `graphs`."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True)
+
+
+def graph_code(graph: torch.fx.GraphModule) -> str:
+    """The code of a traced graph and of its subgraphs (checkpointed blocks are subgraphs)."""
+    return "".join(g.code for g in graph.modules() if isinstance(g, torch.fx.GraphModule))
+
+
 @pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
 @pytest.mark.parametrize("precision, bf16_kernels", [("fp32", None), ("bf16", "native"),
                                                      ("bf16", "emulated")])
-def test_torch_compile_traces_one_graph(name, precision, bf16_kernels, monkeypatch):
-    """Under torch.compile the fast paths step aside without a graph break (a break splits the
-    model into pieces that recompile for every stage width), on either kind of CPU (as
-    `bf16_kernels` below, for bf16 only)."""
+def test_compiled_model_is_one_graph_equal_to_eager(name, precision, bf16_kernels, monkeypatch):
+    """Under torch.compile the fast paths step aside without a graph break, on either kind of
+    CPU (as `bf16_kernels` below, for bf16 only), and the compiled model gives the eager logits.
+    Maps of 16, 8, 4, 2: whole windows of 4 (the custom op) but in the last (the plain path)."""
     if bf16_kernels is not None:
         monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, bf16_kernels == "native")
     model = twins.create_model(name).eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-    # At inference the chunked residual branches stay whole in the graph, as custom ops, where
-    # they apply (not under emulated bf16 autocast: see `kernels.inference_applies`).
-    code = explained.graphs[0].code
-    ops = precision == "fp32" or bf16_kernels == "native"
-    assert ("twins.mlp_residual_" in code) == ops
-    assert ("twins.global_attention_residual" in code) == ops
-    assert ("twins.window_attention_residual" in code) == (ops and name.startswith("alt_gvt"))
-
-
-@pytest.mark.parametrize("name", ["alt_gvt_micro", "pcpvt_micro"])
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_compiled_model_equals_eager(name, precision, bf16_kernels):
-    """torch.compile through AOTAutograd (the custom ops' shape functions, the casts around
-    them) gives the eager logits. 56 x 56 keeps the LSA maps whole windows in every stage."""
-    torch._dynamo.reset()
-    model = twins.create_model(name).eval()
-    images = torch.randn(2, 3, 56, 56)
-    compiled = torch.compile(model, backend="aot_eager")
+    images = torch.randn(2, 3, 64, 64)
+    graphs = []
+    compiled = compiled_in_one_graph(model, graphs)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                 enabled=precision == "bf16"):
         eager, graph = model(images), compiled(images)
     assert graph.dtype == eager.dtype
     torch.testing.assert_close(graph.float(), eager.float(), atol=1e-5, rtol=1e-5)
+    # At inference the chunked residual branches stay whole in the graph, as custom ops, where
+    # they apply (not under emulated bf16 autocast: see `kernels.inference_applies`).
+    assert len(graphs) == 1
+    code = graph_code(graphs[0])
+    ops = precision == "fp32" or bf16_kernels == "native"
+    assert ("twins.mlp_residual_" in code) == ops
+    assert ("twins.global_attention_residual" in code) == ops
+    assert ("twins.window_attention_residual" in code) == (ops and name.startswith("alt_gvt"))
 
 
 def test_blocks_in_training_mode_take_the_plain_path_without_autograd(monkeypatch):
@@ -783,7 +791,6 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
     # Both sides with PyTorch's LayerNorm (eager sums bf16 LayerNorm parameter gradients in
     # fp32 itself; in a compiled graph LayerNorm is the backend's).
     monkeypatch.setattr(twins.layers, "low_precision_layer_norm_applies", lambda x, norm: False)
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = twins.create_model(name, num_classes=7)
     model.set_grad_checkpointing(grad_checkpointing)
@@ -793,19 +800,6 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
     # differently (1 bf16 ulp); with them they agree.
     images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     bf16 = precision == "bf16"
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        explained = torch._dynamo.explain(model)(images)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-    # Checkpointed blocks are subgraphs of the one graph.
-    code = "".join(g.code for g in explained.graphs[0].modules()
-                   if isinstance(g, torch.fx.GraphModule))
-    assert all(f"twins.{op}" in code for op in ("mlp_train", "query_chunk_attention_train",
-                                                 "peg_train"))
-    assert ("twins.window_attention_train" in code) == name.startswith("alt_gvt")
-    # The last argument, `reuse`: no pooled buffers in checkpointed blocks.
-    calls = re.findall(r"twins\.(?!peg)\w+_train\.default\(([^)]*)\)", code)
-    assert {c.rsplit(",", 1)[1].strip() for c in calls} == {str(not grad_checkpointing)}
 
     def step(m):
         model.zero_grad(set_to_none=True)
@@ -814,8 +808,17 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
         F.cross_entropy(out.float(), torch.tensor([1, 4])).backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    compiled_out, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+    graphs = []
+    compiled_out, compiled_grads = step(compiled_in_one_graph(model, graphs))
     eager_out, eager_grads = step(model)
+    assert len(graphs) == 1
+    code = graph_code(graphs[0])
+    assert all(f"twins.{op}" in code for op in ("mlp_train", "query_chunk_attention_train",
+                                                 "peg_train"))
+    assert ("twins.window_attention_train" in code) == name.startswith("alt_gvt")
+    # The last argument, `reuse`: no pooled buffers in checkpointed blocks.
+    calls = re.findall(r"twins\.(?!peg)\w+_train\.default\(([^)]*)\)", code)
+    assert {c.rsplit(",", 1)[1].strip() for c in calls} == {str(not grad_checkpointing)}
     torch.testing.assert_close(compiled_out, eager_out, atol=1e-6, rtol=1e-6)
     for n in eager_grads:
         torch.testing.assert_close(compiled_grads[n], eager_grads[n], atol=1e-6, rtol=1e-5, msg=n)
@@ -824,13 +827,17 @@ def test_compiled_training_keeps_the_kernels_and_matches_eager(name, precision,
 def test_inductor_compiled_training_step_matches_eager(monkeypatch, tmp_path):
     """The same with inductor, torch.compile's default backend, which checks the layout of
     every custom op's output against the op's fake function and lays out the tensors around
-    the ops itself: an fp32 step of alt_gvt_micro (whole windows from the second stage on)
-    gives the eager step's logits and gradients. A cache of its own: inductor's on-disk cache
-    does not notice a change in a custom op's fake function."""
+    the ops itself: an fp32 training step gives the eager step's logits and gradients. A cache
+    of its own: inductor's on-disk cache does not notice a change in a custom op's fake
+    function. Two stages of alt_gvt_micro's kind, since inductor compiles each kernel of every
+    stage width with the C++ compiler (a second each): maps of 12 (whole windows of 4, global
+    attention over a sub-sampled map) and 6 (partial windows, global attention unsampled)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
-    model = twins.create_model("alt_gvt_micro", num_classes=7)
-    images = torch.randn(2, 3, 64, 64)
+    model = twins.create_model("alt_gvt_micro", num_classes=7, embed_dims=(32, 64),
+                               depths=(2, 2), num_heads=(1, 2), mlp_ratios=(2, 2),
+                               window_sizes=(4, 4), sr_ratios=(2, 1), patch_sizes=(4, 2))
+    images = torch.randn(2, 3, 48, 48)
 
     def step(m):
         model.zero_grad(set_to_none=True)
