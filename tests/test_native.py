@@ -58,15 +58,88 @@ def test_gelu_backward_rejects_what_it_does_not_handle():
         ops.gelu_backward_(a, a.clone(), a.clone(), torch.zeros(7))
 
 
+ROUNDINGS = [torch.bfloat16, torch.float16]
+
+
+def values_to_round(n: int) -> torch.Tensor:
+    """n fp32 values over the cases of a rounding, in mixed order: magnitudes from fp32's
+    subnormals to its largest (beyond fp16's range, subnormal in either type), exact ties
+    of bf16 and of fp16 (the dropped bits exactly half a step), random dropped bits, and the
+    special values."""
+    torch.manual_seed(0)
+    x = torch.randn(n) * torch.logspace(-45, 38, n)[torch.randperm(n)]
+    bits = x.view(torch.int32)
+    part = torch.randperm(n)[: 3 * (n // 4)].view(3, -1)
+    bits[part[0]] = bits[part[0]] & ~0xFFFF | 0x8000  # bf16 ties, either parity of the last bit
+    bits[part[1]] = (torch.randn(part.shape[1]).view(torch.int32) & ~0x1FFF) | 0x1000  # fp16's
+    bits[part[2]] |= torch.randint(0, 2 ** 16, (part.shape[1],), dtype=torch.int32)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40,
+                             -3e-39, 6e-8, 3e-5, 65520.0, 70000.0, 3.4e38, 1.00390625])
+    x[: min(n, len(specials))] = specials[:n]
+    return x
+
+
+@pytest.mark.parametrize("dtype", ROUNDINGS, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n", [1, 13, 40, 100_003], ids=["one", "tail-only", "vectors+tail",
+                                                           "several-tasks"])
+def test_round_gives_the_bits_of_torchs_casts(dtype, n):
+    ops = native_ops()
+    x = values_to_round(n)
+    want = x.to(dtype).float()
+    got = x.clone()
+    ops.round_(got, dtype)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def test_round_rejects_what_it_does_not_handle():
+    ops = native_ops()
+    a = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="contiguous fp32 CPU tensor, not BFloat16"):
+        ops.round_(a.bfloat16(), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        ops.round_(a.t(), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16, not Double"):
+        ops.round_(a, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", ROUNDINGS, ids=["bf16", "fp16"])
+def test_emulated_rounding_takes_the_native_pass_where_it_can(dtype, monkeypatch):
+    """`kernels._round_` gives the same bits with the native pass (contiguous tensors) and with
+    PyTorch's casts (strided ones, or no native kernels)."""
+    counting = _Counting(native_ops())
+    monkeypatch.setattr(native, "ops", lambda: counting)
+    x = values_to_round(3 * 1000).view(3, 1000)
+    want = x.to(dtype).float()
+    contiguous, strided = x.clone(), x.t().contiguous().t()  # column-major
+    assert kernels._round_(contiguous, dtype) is contiguous
+    assert kernels._round_(strided, dtype) is strided
+    assert counting.calls == {"round_": 1}
+    monkeypatch.setattr(native, "ops", lambda: None)
+    plain = x.clone()
+    kernels._round_(plain, dtype)
+    nan = want.isnan()
+    for t in (contiguous, strided, plain):
+        assert torch.equal(t.isnan(), nan)
+        assert torch.equal(t[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    bits = x.view(torch.int32).clone()
+    assert kernels._round_(x, None) is x and torch.equal(x.view(torch.int32), bits)  # untouched
+
+
 class _Counting:
-    """The native operators, counting the calls of the fused GELU backward."""
+    """The native operators, counting the calls of each."""
 
     def __init__(self, ops):
-        self.ops, self.calls = ops, 0
+        self.ops, self.calls = ops, {}
 
-    def gelu_backward_(self, *args):
-        self.calls += 1
-        return self.ops.gelu_backward_(*args)
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return op(*args)
+        return counted
 
 
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
@@ -98,7 +171,7 @@ def test_mlp_gradients_with_and_without_native_kernels(precision, chunk_rows, mo
     for name, f, p in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], fused, plain):
         torch.testing.assert_close(f, p, **tol, msg=name)
     # One call per chunk of tokens in fp32, none in bf16.
-    assert counting.calls == (-(-21 // chunk_rows) if precision == "fp32" else 0)
+    assert counting.calls.get("gelu_backward_", 0) == (-(-21 // chunk_rows) if precision == "fp32" else 0)
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -156,6 +229,11 @@ want = torch.ops.aten.gelu_backward(grad.double(), pre.double())
 torch.testing.assert_close(act.double(), torch.nn.functional.gelu(pre.double()), atol=1e-6, rtol=0)
 torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
 torch.testing.assert_close(grad_bias.double(), want.sum(0), atol=1e-5, rtol=1e-6)
+x = torch.randn(100_003) * 100
+x[::7] = x[::7].view(torch.int32).bitwise_and(~0xFFFF).bitwise_or(0x8000).view(torch.float32)
+rounded = x.clone()
+ops.round_(rounded, torch.bfloat16)
+assert torch.equal(rounded, x.bfloat16().float())
 print("ok")
 """
 

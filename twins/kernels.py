@@ -123,8 +123,15 @@ def _round_to(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Option
 
 
 def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Round an fp32 tensor to `dtype` in place (kept in fp32); no-op when dtype is None."""
-    return t if dtype is None else t.copy_(t.to(dtype))
+    """Round an fp32 tensor to `dtype` in place (kept in fp32); no-op when dtype is None. One
+    native pass where built (the same bits), else a cast there and back."""
+    if dtype is None:
+        return t
+    fused = native.ops() if t.is_contiguous() and t.device.type == "cpu" else None
+    if fused is None:
+        return t.copy_(t.to(dtype))
+    fused.round_(t, dtype)
+    return t
 
 
 _SCRATCH = threading.local()  # per thread: {(slot, device, dtype, inference mode): 1-D buffer}

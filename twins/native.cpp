@@ -4,6 +4,7 @@
 // own gelu_backward kernel) and registered as operators in the `twins_native` namespace.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -19,6 +20,9 @@ using Vec = at::vec::Vectorized<float>;
 // The bias gradient is summed in two levels: rows into a block of at most this many, blocks
 // into the part of the rows one task covers; then the parts, in order.
 constexpr int64_t kSumBlockRows = 64;
+
+// Element-wise passes split into tasks of at least this many elements (ATen's own grain).
+constexpr int64_t kElementGrain = 32768;
 
 // The two factors of GELU's derivative at x: cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 and
 // pdf = phi(x) = exp(-x^2 / 2) / sqrt(2 pi). The erf is ATen's vectorised one (Abramowitz and
@@ -115,12 +119,49 @@ void gelu_backward_(const at::Tensor& pre, const at::Tensor& grad, const at::Ten
   }
 }
 
+// x rounded to the nearest value of T (bfloat16 or half, ties to even) and held in fp32, on
+// elements [begin, end): ATen's own conversions there and back, so the bits of
+// x.copy_(x.to(T)), which takes two passes and a T-sized temporary.
+template <typename T>
+void round_range(float* x, int64_t begin, int64_t end) {
+  constexpr int64_t step = at::vec::Vectorized<T>::size();  // two float vectors
+  int64_t i = begin;
+  for (; i + step <= end; i += step) {
+    const auto rounded = at::vec::convert_from_float<T>(Vec::loadu(x + i),
+                                                        Vec::loadu(x + i + Vec::size()));
+    const auto [low, high] = at::vec::convert_to_float<T>(rounded);
+    low.store(x + i);
+    high.store(x + i + Vec::size());
+  }
+  for (; i < end; ++i) x[i] = static_cast<float>(static_cast<T>(x[i]));
+}
+
+// Round a contiguous fp32 tensor in place to the values of `dtype` (bfloat16 or float16): how
+// the emulated autocast kernels of `kernels.py` round like a low-precision kernel.
+void round_(const at::Tensor& self, at::ScalarType dtype) {
+  const char* name = "twins_native::round_";
+  TORCH_CHECK(self.is_cpu() && self.scalar_type() == at::kFloat && self.is_contiguous(),
+              name, " takes a contiguous fp32 CPU tensor, not ", self.scalar_type());
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              name, " rounds to bfloat16 or float16, not ", dtype);
+  float* x = self.mutable_data_ptr<float>();
+  at::parallel_for(0, self.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+    if (dtype == at::kBFloat16) {
+      round_range<c10::BFloat16>(x, begin, end);
+    } else {
+      round_range<c10::Half>(x, begin, end);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(twins_native, m) {
   m.def("gelu_backward_(Tensor pre, Tensor(a!) grad, Tensor(b!) act, Tensor(c!) grad_bias) -> ()");
+  m.def("round_(Tensor(a!) self, ScalarType dtype) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twins_native, CPU, m) {
   m.impl("gelu_backward_", gelu_backward_);
+  m.impl("round_", round_);
 }
