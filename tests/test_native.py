@@ -171,7 +171,8 @@ def test_mlp_gradients_with_and_without_native_kernels(precision, chunk_rows, mo
     for name, f, p in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], fused, plain):
         torch.testing.assert_close(f, p, **tol, msg=name)
     # One call per chunk of tokens in fp32, none in bf16.
-    assert counting.calls.get("gelu_backward_", 0) == (-(-21 // chunk_rows) if precision == "fp32" else 0)
+    calls = -(-21 // chunk_rows) if precision == "fp32" else 0
+    assert counting.calls.get("gelu_backward_", 0) == calls
 
 
 def test_turned_off_by_the_environment(monkeypatch):

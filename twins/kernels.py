@@ -127,7 +127,8 @@ def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     native pass where built (the same bits), else a cast there and back."""
     if dtype is None:
         return t
-    fused = native.ops() if t.is_contiguous() and t.device.type == "cpu" else None
+    native_applies = t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+    fused = native.ops() if native_applies else None
     if fused is None:
         return t.copy_(t.to(dtype))
     fused.round_(t, dtype)
