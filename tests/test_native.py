@@ -79,6 +79,13 @@ def values_to_round(n: int) -> torch.Tensor:
     return x
 
 
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got and want hold the same fp32 bits, but for NaN payloads (NaN where want has NaN)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", ROUNDINGS, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n", [1, 13, 40, 100_003], ids=["one", "tail-only", "vectors+tail",
                                                            "several-tasks"])
@@ -88,9 +95,7 @@ def test_round_gives_the_bits_of_torchs_casts(dtype, n):
     want = x.to(dtype).float()
     got = x.clone()
     ops.round_(got, dtype)
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert_same_bits(got, want)
 
 
 def test_round_rejects_what_it_does_not_handle():
@@ -119,10 +124,8 @@ def test_emulated_rounding_takes_the_native_pass_where_it_can(dtype, monkeypatch
     monkeypatch.setattr(native, "ops", lambda: None)
     plain = x.clone()
     kernels._round_(plain, dtype)
-    nan = want.isnan()
     for t in (contiguous, strided, plain):
-        assert torch.equal(t.isnan(), nan)
-        assert torch.equal(t[~nan].view(torch.int32), want[~nan].view(torch.int32))
+        assert_same_bits(t, want)
     bits = x.view(torch.int32).clone()
     assert kernels._round_(x, None) is x and torch.equal(x.view(torch.int32), bits)  # untouched
 
