@@ -1,5 +1,6 @@
 """The native CPU kernels (twins/native.cpp) against float64 references, their use by the MLP's
-backward, and the PyTorch fallback when they cannot be built or are turned off."""
+backward and by inference attention, and the PyTorch fallback when they cannot be built or are
+turned off."""
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,74 @@ class _Counting:
         return counted
 
 
+def token_major_qkv(B, H, L, keys, D, seed=0):
+    """q (B, H, L, D) and k, v (B, H, keys, D) as the inference kernels pass them: strided
+    views of token-major (B, tokens, heads, D) tensors."""
+    torch.manual_seed(seed)
+    q = (torch.randn(B, L, H, D) * 2).transpose(1, 2)  # scores spread enough to test the softmax
+    k, v = (torch.randn(2, B, keys, H, D)).transpose(2, 3).unbind(0)
+    return q, k, v
+
+
+def exact_attention(q, k, v):
+    return torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5,
+                         -1) @ v.double()
+
+
+@pytest.mark.parametrize("B, H, L, keys, D", [
+    (2, 3, 13, 49, 32),   # a 7 x 7 window: keys not a whole number of vectors
+    (4, 2, 49, 49, 64),   # PCPVT's head width
+    (1, 2, 5, 7, 12),     # head channels past the last whole vector, fewer queries than a tile
+    (3, 1, 1, 1, 8),      # one query, one key
+    (2, 2, 600, 17, 16),  # several blocks of queries per head, the last one short
+    (1, 1, 9, 64, 40),
+], ids=["window", "hd64", "tails", "single", "query-blocks", "64-keys"])
+def test_attention_matches_float64(B, H, L, keys, D):
+    ops = native_ops()
+    q, k, v = token_major_qkv(B, H, L, keys, D)
+    out = torch.full((B, L, H, D), float("nan")).transpose(1, 2)  # token-major, as SDPA's
+    ops.attention_(q, k, v, out)
+    want = exact_attention(q, k, v)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
+
+
+def test_attention_rejects_what_it_does_not_handle():
+    ops = native_ops()
+    q, k, v = token_major_qkv(2, 2, 5, 7, 8)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="4-D fp32 CPU tensors"):
+        ops.attention_(q.bfloat16(), k, v, out)
+    with pytest.raises(RuntimeError, match="unit stride along the last dimension"):
+        ops.attention_(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, out)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.attention_(q, k, v[:, :, :6], out)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.attention_(q, k, v, out[:, :, :4])
+
+
+def test_inference_attention_takes_the_native_kernel_for_few_keys(monkeypatch):
+    """`kernels.attend`: the native kernel for fp32 with up to NATIVE_ATTENTION_KEYS keys,
+    SDPA otherwise (more keys, bf16, no native kernels), the same attention either way."""
+    counting = _Counting(native_ops())
+    monkeypatch.setattr(native, "ops", lambda: counting)
+    few = token_major_qkv(2, 2, 11, kernels.NATIVE_ATTENTION_KEYS, 32)
+    many = token_major_qkv(2, 2, 11, kernels.NATIVE_ATTENTION_KEYS + 1, 32)
+    with torch.inference_mode():
+        got = kernels.attend(*few, "test.attn")
+        assert counting.calls == {"attention_": 1}
+        assert got.transpose(1, 2).is_contiguous()  # token-major: (B, L, H * D) is a view
+        torch.testing.assert_close(got.double(), exact_attention(*few), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(kernels.attend(*many, "test.attn").double(),
+                                   exact_attention(*many), atol=2e-6, rtol=1e-5)
+        bf16 = kernels.attend(*(t.bfloat16() for t in few), "test.attn")
+        assert bf16.dtype == torch.bfloat16
+        assert counting.calls == {"attention_": 1}  # neither took the native kernel
+        monkeypatch.setattr(native, "ops", lambda: None)
+        torch.testing.assert_close(kernels.attend(*few, "test.attn"), got, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-emulated"])
 def test_mlp_gradients_with_and_without_native_kernels(precision, chunk_rows, monkeypatch):
@@ -238,6 +307,12 @@ x[::7] = x[::7].view(torch.int32).bitwise_and(~0xFFFF).bitwise_or(0x8000).view(t
 rounded = x.clone()
 ops.round_(rounded, torch.bfloat16)
 assert torch.equal(rounded, x.bfloat16().float())
+q = torch.randn(2, 13, 3, 32).transpose(1, 2)
+k, v = torch.randn(2, 2, 49, 3, 32).transpose(2, 3).unbind(0)
+out = torch.empty(2, 13, 3, 32).transpose(1, 2)
+ops.attention_(q, k, v, out)
+want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5, -1) @ v.double()
+torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 print("ok")
 """
 
