@@ -2,7 +2,8 @@
 
 `twins.kernels` runs attention over at most `NATIVE_ATTENTION_KEYS` keys (fp32) with the native
 kernel of `twins/native.cpp`. This alternates that setting with 0 (PyTorch's kernel everywhere)
-step by step in one process, the order swapped every round, and prints each setting's median
+in one process, the order swapped every round, each timed step after an untimed one of the same
+setting, and prints each setting's median
 img/s, the per-round ratios native / flash and their median; with --profile, the time each
 setting's profiled steps spend in the attention operators (forward and backward):
 
@@ -55,12 +56,10 @@ def main() -> None:
     settings = {"flash": 0, "native": kernels.NATIVE_ATTENTION_KEYS}
     speed = {name: [] for name in settings}
     attention_ms = {name: [] for name in settings}
-    for keys in settings.values():  # warm-up, each setting
-        kernels.NATIVE_ATTENTION_KEYS = keys
-        step()
     for r in range(args.rounds):
         for name in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
             kernels.NATIVE_ATTENTION_KEYS = settings[name]
+            step()  # untimed: the allocator's state as steps of this setting leave it
             if args.profile:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     start = time.perf_counter()
