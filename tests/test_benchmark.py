@@ -342,17 +342,16 @@ def test_run_config_times_only_the_implementations_asked(monkeypatch):
     assert "max_logit_diff" not in part and "ratio" not in part
 
 
-@pytest.mark.parametrize("mode", ["inference", "train"])
-def test_attention_ab_tool_times_both_kernels(mode):
+def test_attention_ab_tool_times_both_kernels():
     """tools/attention_ab.py: each setting's steps, their ratio, and (profiled) the time in the
     attention operators, which both settings run (7 x 7 windows: 56 pixels, stride 4 and 8)."""
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(repo / "tools" / "attention_ab.py"), "--model",
                           "alt_gvt_micro", "--img-size", "56", "--batch-size", "2", "--rounds",
-                          "2", "--mode", mode, "--profile"],
+                          "2", "--profile"],
                          check=True, text=True, capture_output=True, timeout=300).stdout
     lines = [line for line in out.splitlines() if not line.startswith("native kernels ")]
-    assert lines[0].startswith(f"alt_gvt_micro {mode} fp32, batch 2, 56px, 2 alternating rounds")
+    assert lines[0].startswith("alt_gvt_micro inference fp32, batch 2, 56px, 2 alternating rounds")
     for name, line in zip(["flash", "native"], lines[1:3]):
         words = line.split()
         assert words[0] == name and float(words[1]) > 0 and words[2] == "img/s"

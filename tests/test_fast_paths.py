@@ -854,14 +854,13 @@ def test_inductor_compiled_training_step_matches_eager(monkeypatch, tmp_path):
 
 
 def count_flash_backward_images(monkeypatch):
-    """The batch size of q in each call of the attention backward kernel (native or flash),
-    as a list that fills."""
-    calls, kernel = [], kernels._attention_backward
+    """The batch size of q in each call of the flash backward kernel, as a list that fills."""
+    calls, kernel = [], kernels._flash_backward_op
 
     def counted(*args):
         calls.append(args[1].shape[0])
         return kernel(*args)
-    monkeypatch.setattr(kernels, "_attention_backward", counted)
+    monkeypatch.setattr(kernels, "_flash_backward_op", counted)
     return calls
 
 

@@ -147,21 +147,12 @@ class _Counting:
 
 
 def token_major_qkv(B, H, L, keys, D, seed=0):
-    """q (B, H, L, D) and k, v (B, H, keys, D) as the kernels are given them: strided views of
-    token-major (B, tokens, heads, D) tensors."""
+    """q (B, H, L, D) and k, v (B, H, keys, D) as the inference kernels pass them: strided
+    views of token-major (B, tokens, heads, D) tensors."""
     torch.manual_seed(seed)
     q = (torch.randn(B, L, H, D) * 2).transpose(1, 2)  # scores spread enough to test the softmax
     k, v = (torch.randn(2, B, keys, H, D)).transpose(2, 3).unbind(0)
     return q, k, v
-
-
-def token_major_empty(t, last=None):
-    """An empty tensor shaped as t (B, H, L, D), laid out (B, L, H, D); or (B, H, L) with
-    last=0, laid out (B, L, H)."""
-    B, H, L, D = t.shape
-    if last == 0:
-        return torch.full((B, L, H), float("nan")).transpose(1, 2)
-    return torch.full((B, L, H, D), float("nan")).transpose(1, 2)
 
 
 def exact_attention(q, k, v):
@@ -169,67 +160,37 @@ def exact_attention(q, k, v):
                          -1) @ v.double()
 
 
-ATTENTION_SHAPES = [
+@pytest.mark.parametrize("B, H, L, keys, D", [
     (2, 3, 13, 49, 32),   # a 7 x 7 window: keys not a whole number of vectors
     (4, 2, 49, 49, 64),   # PCPVT's head width
     (1, 2, 5, 7, 12),     # head channels past the last whole vector, fewer queries than a tile
     (3, 1, 1, 1, 8),      # one query, one key
     (2, 2, 600, 17, 16),  # several blocks of queries per head, the last one short
     (1, 1, 9, 64, 40),
-]
-ATTENTION_IDS = ["window", "hd64", "tails", "single", "query-blocks", "64-keys"]
-
-
-@pytest.mark.parametrize("B, H, L, keys, D", ATTENTION_SHAPES, ids=ATTENTION_IDS)
+], ids=["window", "hd64", "tails", "single", "query-blocks", "64-keys"])
 def test_attention_matches_float64(B, H, L, keys, D):
-    """The forward kernel against float64 attention, and its log-sum-exp against PyTorch's
-    flash kernel's (which the backward of either kernel takes)."""
     ops = native_ops()
     q, k, v = token_major_qkv(B, H, L, keys, D)
-    out, lse = token_major_empty(q), token_major_empty(q, last=0)
-    ops.attention_(q, k, v, out, lse)
-    torch.testing.assert_close(out.double(), exact_attention(q, k, v), atol=2e-6, rtol=1e-5)
-    flash_out, flash_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
-    torch.testing.assert_close(lse, flash_lse, atol=2e-6, rtol=1e-6)
-    inference = token_major_empty(q)
-    ops.attention_(q, k, v, inference, None)  # without the log-sum-exp: the same output
-    assert torch.equal(inference, out)
-
-
-@pytest.mark.parametrize("B, H, L, keys, D", ATTENTION_SHAPES, ids=ATTENTION_IDS)
-def test_attention_backward_matches_float64(B, H, L, keys, D):
-    ops = native_ops()
-    q, k, v = token_major_qkv(B, H, L, keys, D)
-    out, lse = token_major_empty(q), token_major_empty(q, last=0)
-    ops.attention_(q, k, v, out, lse)
-    grad_out = torch.randn_like(out)
-    grads = [token_major_empty(t) for t in (q, k, v)]
-    ops.attention_backward_(grad_out, q, k, v, out, lse, *grads)
-    exact = [t.double().requires_grad_() for t in (q, k, v)]
-    exact_attention(*exact).backward(grad_out.double())
-    for got, want in zip(grads, exact):
-        torch.testing.assert_close(got.double(), want.grad, atol=5e-6, rtol=1e-5)
+    out = torch.full((B, L, H, D), float("nan")).transpose(1, 2)  # token-major, as SDPA's
+    ops.attention_(q, k, v, out)
+    want = exact_attention(q, k, v)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
 
 
 def test_attention_rejects_what_it_does_not_handle():
     ops = native_ops()
     q, k, v = token_major_qkv(2, 2, 5, 7, 8)
-    out, lse = torch.empty_like(q), token_major_empty(q, last=0)
+    out = torch.empty_like(q)
     with pytest.raises(RuntimeError, match="4-D fp32 CPU tensors"):
-        ops.attention_(q.bfloat16(), k, v, out, None)
+        ops.attention_(q.bfloat16(), k, v, out)
     with pytest.raises(RuntimeError, match="unit stride along the last dimension"):
-        ops.attention_(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, out, None)
+        ops.attention_(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, out)
     with pytest.raises(RuntimeError, match="do not match"):
-        ops.attention_(q, k, v[:, :, :6], out, None)
+        ops.attention_(q, k, v[:, :, :6], out)
     with pytest.raises(RuntimeError, match="do not match"):
-        ops.attention_(q, k, v, out[:, :, :4], None)
-    with pytest.raises(RuntimeError, match=r"lse must be fp32 \(B, H, L\)"):
-        ops.attention_(q, k, v, out, lse[:, :, :4])
-    grads = [torch.empty_like(t) for t in (q, k, v)]
-    with pytest.raises(RuntimeError, match="do not match"):
-        ops.attention_backward_(out[:, :, :4], q, k, v, out, lse, *grads)
-    with pytest.raises(RuntimeError, match=r"lse must be fp32 \(B, H, L\)"):
-        ops.attention_backward_(out, q, k, v, out, lse.double(), *grads)
+        ops.attention_(q, k, v, out[:, :, :4])
 
 
 def test_inference_attention_takes_the_native_kernel_for_few_keys(monkeypatch):
@@ -251,26 +212,6 @@ def test_inference_attention_takes_the_native_kernel_for_few_keys(monkeypatch):
         assert counting.calls == {"attention_": 1}  # neither took the native kernel
         monkeypatch.setattr(native, "ops", lambda: None)
         torch.testing.assert_close(kernels.attend(*few, "test.attn"), got, atol=2e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("keys", [49, kernels.NATIVE_ATTENTION_KEYS + 1], ids=["few", "many"])
-def test_training_attention_takes_the_native_kernels_for_few_keys(keys, monkeypatch):
-    """The training kernels' attention (`_attention_forward`, `_flash_backward`, also split
-    over the queries of one image) take the native kernels for few keys and PyTorch's flash
-    kernels otherwise; the results are those of exact attention either way."""
-    counting = _Counting(native_ops())
-    monkeypatch.setattr(native, "ops", lambda: counting)
-    q, k, v = token_major_qkv(1, 1, 512, keys, 32)
-    out, lse = kernels._attention_forward(q, k, v)
-    torch.testing.assert_close(out.double(), exact_attention(q, k, v), atol=2e-6, rtol=1e-5)
-    grad_out = torch.randn_like(out)
-    exact = [t.double().requires_grad_() for t in (q, k, v)]
-    exact_attention(*exact).backward(grad_out.double())
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # one image: split in two
-    for got, want in zip(kernels._flash_backward(grad_out, q, k, v, out, lse), exact):
-        torch.testing.assert_close(got.double(), want.grad, atol=5e-6, rtol=1e-5)
-    native_calls = {"attention_": 1, "attention_backward_": 1} if keys == 49 else {}
-    assert counting.calls == native_calls
 
 
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
@@ -369,7 +310,7 @@ assert torch.equal(rounded, x.bfloat16().float())
 q = torch.randn(2, 13, 3, 32).transpose(1, 2)
 k, v = torch.randn(2, 2, 49, 3, 32).transpose(2, 3).unbind(0)
 out = torch.empty(2, 13, 3, 32).transpose(1, 2)
-ops.attention_(q, k, v, out, None)
+ops.attention_(q, k, v, out)
 want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5, -1) @ v.double()
 torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 print("ok")

@@ -1,14 +1,14 @@
-"""Time a model's CPU steps with the native few-key attention kernel against PyTorch's flash kernel.
+"""Time a model's CPU inference with the native few-key attention kernel against PyTorch's.
 
-`twins.kernels` runs attention over at most `NATIVE_ATTENTION_KEYS` keys (fp32) with the native
-kernel of `twins/native.cpp`. This alternates that setting with 0 (PyTorch's kernel everywhere)
+At inference `twins.kernels` runs attention over at most `NATIVE_ATTENTION_KEYS` keys (fp32)
+with the native kernel of `twins/native.cpp`. This alternates that setting with 0 (PyTorch's kernel everywhere)
 in one process, the order swapped every round, each timed step after an untimed one of the same
 setting, and prints each setting's median
 img/s, the per-round ratios native / flash and their median; with --profile, the time each
-setting's profiled steps spend in the attention operators (forward and backward):
+setting's profiled steps spend in the attention operators:
 
-    python tools/attention_ab.py --model alt_gvt_small --mode inference --rounds 12
-    python tools/attention_ab.py --model alt_gvt_small --mode train --rounds 4 --profile
+    python tools/attention_ab.py --model alt_gvt_small --rounds 12
+    python tools/attention_ab.py --model pcpvt_small_v0 --rounds 4 --profile
 """
 import argparse
 import os
@@ -21,18 +21,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark import train_step  # noqa: E402
 from twins import MODEL_CONFIGS, create_model, kernels, native  # noqa: E402
 
-ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "twins_native::attention_", "twins_native::attention_backward_")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "twins_native::attention_")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="alt_gvt_small", choices=sorted(MODEL_CONFIGS))
-    parser.add_argument("--mode", default="inference", choices=["inference", "train"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=8, help="steps per setting")
@@ -42,17 +38,13 @@ def main() -> None:
     if native.ops() is None:
         print(f"native kernels {native.status()}: both settings run PyTorch's flash kernel")
     torch.manual_seed(0)
-    model = create_model(args.model)
+    model = create_model(args.model).eval()
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    if args.mode == "train":
-        targets = torch.randint(0, model.num_classes, (args.batch_size,))
-        step = train_step(model, images, targets, None)
-    else:
-        model.eval()
 
-        def step():
-            with torch.inference_mode():
-                return model(images)
+    def step():
+        with torch.inference_mode():
+            return model(images)
+
     settings = {"flash": 0, "native": kernels.NATIVE_ATTENTION_KEYS}
     speed = {name: [] for name in settings}
     attention_ms = {name: [] for name in settings}
@@ -74,7 +66,7 @@ def main() -> None:
             speed[name].append(args.batch_size / seconds)
     kernels.NATIVE_ATTENTION_KEYS = settings["native"]
     ratios = sorted(n / f for n, f in zip(speed["native"], speed["flash"]))
-    print(f"{args.model} {args.mode} fp32, batch {args.batch_size}, {args.img_size}px, "
+    print(f"{args.model} inference fp32, batch {args.batch_size}, {args.img_size}px, "
           f"{args.rounds} alternating rounds{' (profiled)' if args.profile else ''}:")
     for name in settings:
         line = (f"  {name:6s} {statistics.median(speed[name]):6.2f} img/s "

@@ -520,65 +520,9 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-# Keys per query up to which the native kernels (`native.cpp`, attention over few keys) replace
-# PyTorch's CPU flash kernels: on 49 keys (every 7 x 7 window, and the sub-sampled maps at 224
-# pixels) their forward is 1.1-1.4x and their backward 1.1-1.7x as fast (fp32, 2 threads, the
-# shapes of SVT-S at batch 32); at about 200 keys they are level, beyond that slower.
-NATIVE_ATTENTION_KEYS = 64
-
-
-def _native_attention(keys: int, *tensors: torch.Tensor):
-    """The native operators if they take attention over `keys` keys with these operands (fp32
-    (..., tokens, hd) CPU tensors with unit stride along hd), else None."""
-    if keys > NATIVE_ATTENTION_KEYS or any(
-            t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1
-            for t in tensors):
-        return None
-    return native.ops()
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: str) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v)` at inference, by the native kernel where it
-    applies (`_native_attention`), its output in the scratch buffer `slot`; laid out
-    token-major either way, (B, L, heads, hd) in memory, as SDPA's CPU kernel writes it.
-    Shapes: q (B, heads, L, hd), k, v (B, heads, keys, hd) -> (B, heads, L, hd)."""
-    fused = _native_attention(k.shape[-2], q, k, v)
-    if fused is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    B, H, L, D = q.shape
-    out = scratch(slot, B * L, H * D, q).view(B, L, H, D).transpose(1, 2)
-    fused.attention_(q, k, v, out, None)
-    return out
-
-
-def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(hd)) v and its fp32 log-sum-exp (B, heads, L) for backward, from
-    the native kernel where it applies, else the CPU flash kernel; both lay the output out as
-    (B, L, heads, hd) for token-major q."""
-    fused = _native_attention(k.shape[-2], q, k, v)
-    if fused is None:
-        return tuple(_flash(q, k, v)[:2])
-    out = _token_major_like(q, last=v.shape[-1])
-    lse = _token_major_like(q, torch.float32, last=1).squeeze(-1)
-    fused.attention_(q, k, v, out, lse)
-    return out, lse
-
-
-def _attention_backward(do, q, k, v, o, lse):
-    """dq, dk, dv of `_attention_forward` (fp32 operands): the native kernel where it applies,
-    else the CPU flash kernel. Both take the log-sum-exp either forward gives."""
-    fused = _native_attention(k.shape[-2], do, q, k, v, o)
-    if fused is None:
-        return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
-    grads = tuple(_token_major_like(t) for t in (q, k, v))
-    fused.attention_backward_(do, q, k, v, o, lse, *grads)
-    return grads
-
 
 def _flash_backward(do, q, k, v, o, lse):
-    """dq, dk, dv of the CPU flash attention, always computed by an fp32 kernel (the native
-    one where it applies, `_attention_backward`).
+    """dq, dk, dv of the CPU flash attention, always computed by its fp32 kernel.
 
     The bf16 backward kernel runs 4-6x slower than the fp32 one on windows of 49 tokens (AMX
     machine, measured); bf16 operands are exact in fp32, and a bf16 kernel accumulates in fp32
@@ -590,7 +534,7 @@ def _flash_backward(do, q, k, v, o, lse):
     split = torch.get_num_threads() // (B * H)
     if B == 1 and split > 1 and L % split == 0 and L // split >= _MIN_SPLIT_QUERIES:
         return _flash_backward_split(do, q, k, v, o, lse, split)
-    return _attention_backward(do, q, k, v, o, lse)
+    return _flash_backward_op(do, q, k, v, o, lse, 0.0, False)
 
 
 # Queries per piece below which `_flash_backward` does not split one image's queries further.
@@ -606,7 +550,8 @@ def _flash_backward_split(do, q, k, v, o, lse, split: int):
         return t[0].unflatten(1, (split, -1)).transpose(0, 1)
 
     keys, values = (t.expand(split, *t.shape[1:]).contiguous() for t in (k, v))
-    dq, dk, dv = _attention_backward(pieces(do), pieces(q), keys, values, pieces(o), pieces(lse))
+    dq, dk, dv = _flash_backward_op(pieces(do), pieces(q), keys, values, pieces(o), pieces(lse),
+                                    0.0, False)
     return dq.transpose(0, 1).flatten(1, 2)[None], dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
 
 
@@ -711,7 +656,7 @@ def window_attention_train(qkv: torch.Tensor, tokens: int, heads: int,
     is laid out (windows, tokens, heads, hd), which is (windows * tokens, C): nothing is
     gathered.
     """
-    out, lse = _attention_forward(*_window_heads(qkv, tokens, heads))
+    out, lse = _flash(*_window_heads(qkv, tokens, heads))[:2]
     # lse laid out (windows, tokens, heads), as the kernel writes it (a copy only if not).
     return (out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1] // 3),
             _token_major(lse.unsqueeze(-1)).squeeze(-1))
@@ -796,8 +741,7 @@ def query_chunk_attention_train(x: torch.Tensor, wq: torch.Tensor, bq: torch.Ten
     q = linear_into(x.view(B * N, C), wq, bq, reusable_empty((B * N, C), x, reuse=reuse))
     q = _round_(q, rounding).view(B, N, C)
     for b0, b1, t0, t1 in query_chunk_ranges(B, N):
-        o, lse[b0:b1, :, t0:t1] = _attention_forward(_heads(q[b0:b1, t0:t1], heads), k[b0:b1],
-                                                     v[b0:b1])
+        o, lse[b0:b1, :, t0:t1] = _flash(_heads(q[b0:b1, t0:t1], heads), k[b0:b1], v[b0:b1])
         _heads(out[b0:b1, t0:t1], heads).copy_(o)
     return out, q, lse
 
@@ -1036,6 +980,29 @@ def mlp_residual_(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tenso
 @mlp_residual_.register_fake
 def _(x, *args) -> None:
     return None
+
+
+# Keys per query up to which the native kernel (`native.cpp`, attention over few keys) replaces
+# SDPA at inference: 1.2-1.4x faster on 49 keys (every 7 x 7 window, and the sub-sampled maps at
+# 224 pixels), as fast at about 200, slower beyond (fp32, 2 threads, `benchmark.py` shapes).
+NATIVE_ATTENTION_KEYS = 64
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: str) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v)` at inference, by the native kernel where it
+    applies (fp32, unit stride along the head channels, few keys); its output, like SDPA's on
+    the CPU, is laid out token-major, (B, L, heads, hd) in memory, here in the scratch buffer
+    `slot`. Shapes: q (B, heads, L, hd), k, v (B, heads, keys, hd) -> (B, heads, L, hd)."""
+    fused = None
+    if (q.dtype == k.dtype == v.dtype == torch.float32 and k.shape[-2] <= NATIVE_ATTENTION_KEYS
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        fused = native.ops()
+    if fused is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, L, D = q.shape
+    out = scratch(slot, B * L, H * D, q).view(B, L, H, D).transpose(1, 2)
+    fused.attention_(q, k, v, out)
+    return out
 
 
 @torch.library.custom_op("twins::window_attention_residual", mutates_args=())

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <vector>
 
 namespace {
@@ -157,159 +156,75 @@ void round_(const at::Tensor& self, at::ScalarType dtype) {
 }
 
 // Attention over few keys (Twins' 7 x 7 windows, and its sub-sampled maps: 49 keys at 224
-// pixels): softmax(q k^T / sqrt(D)) v and its gradients, every operand of a task in L1. A
-// task packs its keys (and, in backward, its values) transposed; then each tile of kRows
-// queries has its row of scores, its softmax and its products computed in registers and small
-// buffers. PyTorch's flash kernels for the CPU work in blocks sized for long sequences: on 49
-// keys their forward took 1.2-1.4x as long (SVT-S's window shapes, fp32, 2 threads). From
-// about 200 keys on they are the faster.
+// pixels): softmax(q k^T / sqrt(D)) v, one (image, head, block of queries) per task, every
+// operand in L1. The task packs its keys transposed, then each tile of kRows queries has its
+// row of scores, its softmax and its output computed in registers and a small buffer. PyTorch's
+// flash kernel for the CPU works in blocks sized for long sequences; on 49 keys it took 1.2-1.4x
+// as long (SVT-S's window shapes, fp32, 2 threads). It is faster from about 200 keys on.
 constexpr int kRows = 4;
-constexpr int64_t kQueryBlock = 256;   // queries per forward task at most
-constexpr int64_t kBackwardBlock = 64;  // queries whose P and dS a backward task holds at once
+constexpr int64_t kQueryBlock = 256;  // queries per task at most
 
-// s[r][0 .. NV * Vec::size()) = a_r . bt[:, 0 ..] over D channels, for the kRows rows a_r.
+// s[r][j .. j + NV * Vec::size()) = q_r . kt[:, j ..] over the D channels.
 template <int NV>
-inline void score_tile(const float* const* a, const float* bt, int64_t D, int64_t ldb,
+inline void score_tile(const float* const* q, const float* kt, int64_t D, int64_t ldk,
                        float* s, int64_t lds) {
   Vec acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
   for (int64_t d = 0; d < D; ++d) {
-    Vec b[NV];
-    for (int c = 0; c < NV; ++c) b[c] = Vec::loadu(bt + d * ldb + c * Vec::size());
+    Vec k[NV];
+    for (int c = 0; c < NV; ++c) k[c] = Vec::loadu(kt + d * ldk + c * Vec::size());
     for (int r = 0; r < kRows; ++r) {
-      const Vec ad(a[r][d]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(ad, b[c], acc[r][c]);
+      const Vec qd(q[r][d]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(qd, k[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c].store(s + r * lds + c * Vec::size());
 }
 
-// The scores of kRows rows against all ldt (padded) columns of bt (D, ldt): whole tiles of 3
-// vectors, the last 4 vectors (if so many remain) as two tiles of 2.
-inline void scores(const float* const* a, const float* bt, int64_t D, int64_t ldt, float* s) {
-  constexpr int64_t W = Vec::size();
-  int64_t j = 0;
-  for (; ldt - j >= 3 * W && ldt - j != 4 * W; j += 3 * W)
-    score_tile<3>(a, bt + j, D, ldt, s + j, ldt);
-  for (; ldt - j >= 2 * W; j += 2 * W) score_tile<2>(a, bt + j, D, ldt, s + j, ldt);
-  if (j < ldt) score_tile<1>(a, bt + j, D, ldt, s + j, ldt);
-}
-
-// o_r[0 .. NV * Vec::size()) (+)= f_r * sum_{j < n} p[r * pr + j * pj] v[j * ldv + 0 ..].
-// Rows of o may repeat (a short tile): every copy loads, computes and stores the same values.
+// o_r[0 .. NV * Vec::size()) = inv_r * sum_j p[r][j] v[j][0 ..].
 template <int NV>
-inline void product_tile(const float* p, int64_t pr, int64_t pj, const float* v, int64_t ldv,
-                         int64_t n, const float* f, float* const* o, bool accumulate) {
+inline void output_tile(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t keys,
+                        const float* inv, float* const* o) {
   Vec acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < keys; ++j) {
     Vec vj[NV];
     for (int c = 0; c < NV; ++c) vj[c] = Vec::loadu(v + j * ldv + c * Vec::size());
     for (int r = 0; r < kRows; ++r) {
-      const Vec pj_(p[r * pr + j * pj]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pj_, vj[c], acc[r][c]);
+      const Vec pj(p[r * lds + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pj, vj[c], acc[r][c]);
     }
   }
-  if (accumulate) {
-    Vec base[kRows][NV];  // all loaded before any row is stored
-    for (int r = 0; r < kRows; ++r)
-      for (int c = 0; c < NV; ++c) base[r][c] = Vec::loadu(o[r] + c * Vec::size());
-    for (int r = 0; r < kRows; ++r)
-      for (int c = 0; c < NV; ++c)
-        at::vec::fmadd(acc[r][c], Vec(f[r]), base[r][c]).store(o[r] + c * Vec::size());
-  } else {
-    for (int r = 0; r < kRows; ++r)
-      for (int c = 0; c < NV; ++c) (acc[r][c] * Vec(f[r])).store(o[r] + c * Vec::size());
-  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) (acc[r][c] * Vec(inv[r])).store(o[r] + c * Vec::size());
 }
 
-// product_tile over all D channels of the kRows rows o_r.
-inline void product(const float* p, int64_t pr, int64_t pj, const float* v, int64_t ldv,
-                    int64_t n, int64_t D, const float* f, float* const* o, bool accumulate) {
-  constexpr int64_t W = Vec::size();
-  float* od[kRows];
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    for (int r = 0; r < kRows; ++r) od[r] = o[r] + d;
-    product_tile<2>(p, pr, pj, v + d, ldv, n, f, od, accumulate);
-  }
-  if (d + W <= D) {
-    for (int r = 0; r < kRows; ++r) od[r] = o[r] + d;
-    product_tile<1>(p, pr, pj, v + d, ldv, n, f, od, accumulate);
-    d += W;
-  }
-  for (; d < D; ++d) {  // channels past the last whole vector
-    float value[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < n; ++j) acc += p[r * pr + j * pj] * v[j * ldv + d];
-      value[r] = (accumulate ? o[r][d] : 0.f) + f[r] * acc;
-    }
-    for (int r = 0; r < kRows; ++r) o[r][d] = value[r];
-  }
-}
-
-// bt (D, ldt) = b^T for b (keys, D) with rows ldb apart, in 8 x 8 blocks; padding columns zero.
-void pack_transposed(const float* b, int64_t ldb, int64_t keys, int64_t D, int64_t ldt,
-                     float* bt) {
-  const int64_t keys8 = keys / 8 * 8, D8 = D / 8 * 8;
-  for (int64_t j = 0; j < keys8; j += 8)
-    for (int64_t d = 0; d < D8; d += 8)
-      at::vec::transpose_mxn<float, 8, 8>(b + j * ldb + d, ldb, bt + d * ldt + j, ldt);
-  for (int64_t d = 0; d < D; ++d) {
-    float* row = bt + d * ldt;
-    for (int64_t j = d < D8 ? keys8 : 0; j < keys; ++j) row[j] = b[j * ldb + d];
-    std::fill(row + keys, row + ldt, 0.f);
-  }
-}
-
-// Ask for `count` rows of D floats, `ld` apart, to be brought into cache.
+// Ask for `count` rows of D floats, `ld` apart, to be brought into cache: the rows of q, k and v
+// are one head's slice of each token's channels, a stride the hardware prefetchers miss.
 inline void prefetch_rows(const float* p, int64_t ld, int64_t count, int64_t D) {
   for (int64_t i = 0; i < count; ++i)
     for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(p + i * ld + d);
 }
 
-inline float horizontal_sum(const Vec& x) {
-  float lanes[Vec::size()];
-  x.store(lanes);
-  float total = 0.f;
-  for (int64_t c = 0; c < Vec::size(); ++c) total += lanes[c];
-  return total;
-}
-
-inline float horizontal_max(const Vec& x) {
-  float lanes[Vec::size()];
-  x.store(lanes);
-  return *std::max_element(lanes, lanes + Vec::size());
-}
-
-// The rows of a matrix with rows `ld` apart, a short tile repeating its last row.
-inline void tile_rows(const float* base, int64_t ld, int64_t i0, int rows, const float** out) {
-  for (int r = 0; r < kRows; ++r) out[r] = base + (i0 + std::min(r, rows - 1)) * ld;
-}
-inline void tile_rows(float* base, int64_t ld, int64_t i0, int rows, float** out) {
-  for (int r = 0; r < kRows; ++r) out[r] = base + (i0 + std::min(r, rows - 1)) * ld;
-}
-
-// A 4-D fp32 CPU tensor's element pointer at [b, h] and its row stride (dimension 2).
-struct Rows {
-  float* data;
-  int64_t s0, s1, ld;
-  explicit Rows(const at::Tensor& t)
-      : data(t.data_ptr<float>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
-  float* at(int64_t b, int64_t h) const { return data + b * s0 + h * s1; }
-};
-
-// One forward task: q (L, D), k and v (keys, D), out (L, D) and lse (L,) or null; kt (D, ldt)
-// and s (kRows, ldt) are scratch, ldt = keys rounded up to whole vectors.
+// One task: q (L, D), k and v (keys, D), out (L, D), rows `ldq`, `ldk`, `ldv`, `ldo`
+// apart; kt (D, ldt) and s (kRows, ldt) are scratch, ldt = keys rounded up to whole vectors.
 void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
-            int64_t ldv, float* out, int64_t ldo, float* lse, int64_t ldl, int64_t L,
-            int64_t keys, int64_t D, int64_t ldt, float scale, float* kt, float* s) {
+            int64_t ldv, float* out, int64_t ldo, int64_t L, int64_t keys, int64_t D,
+            int64_t ldt, float scale, float* kt, float* s) {
   constexpr int64_t W = Vec::size();
-  pack_transposed(k, ldk, keys, D, ldt, kt);
+  // kt = k^T, in 8 x 8 blocks, with the padding columns zero.
+  const int64_t keys8 = keys / 8 * 8, D8 = D / 8 * 8;
+  for (int64_t j = 0; j < keys8; j += 8)
+    for (int64_t d = 0; d < D8; d += 8)
+      at::vec::transpose_mxn<float, 8, 8>(k + j * ldk + d, ldk, kt + d * ldt + j, ldt);
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = kt + d * ldt;
+    for (int64_t j = d < D8 ? keys8 : 0; j < keys; ++j) row[j] = k[j * ldk + d];
+    std::fill(row + keys, row + ldt, 0.f);
+  }
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
@@ -317,9 +232,18 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
     if (ahead < L) prefetch_rows(q + ahead * ldq, ldq, std::min<int64_t>(kRows, L - ahead), D);
     const float* qr[kRows];
     float* orow[kRows];
-    tile_rows(q, ldq, i0, rows, qr);
-    tile_rows(out, ldo, i0, rows, orow);
-    scores(qr, kt, D, ldt, s);
+    // A short last tile repeats its last row: the same scores and output, written twice.
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = i0 + std::min(r, rows - 1);
+      qr[r] = q + i * ldq;
+      orow[r] = out + i * ldo;
+    }
+    // The score columns in tiles of 3 vectors, the last 4 (if so many remain) in two of 2.
+    int64_t j = 0;
+    for (; ldt - j >= 3 * W && ldt - j != 4 * W; j += 3 * W)
+      score_tile<3>(qr, kt + j, D, ldt, s + j, ldt);
+    for (; ldt - j >= 2 * W; j += 2 * W) score_tile<2>(qr, kt + j, D, ldt, s + j, ldt);
+    if (j < ldt) score_tile<1>(qr, kt + j, D, ldt, s + j, ldt);
     // Softmax of each row, left unnormalised: p = exp((s - max) * scale), inv = 1 / sum p.
     float inv[kRows];
     for (int r = 0; r < kRows; ++r) {
@@ -327,7 +251,9 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
       std::fill(row + keys, row + ldt, neg_inf);
       Vec vmax(neg_inf);
       for (int64_t c = 0; c < ldt; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-      const float m = horizontal_max(vmax);
+      float lanes[W];
+      vmax.store(lanes);
+      const float m = *std::max_element(lanes, lanes + W);
       const Vec mv(m), sv(scale);
       Vec vsum(0.f);
       for (int64_t c = 0; c < ldt; c += W) {
@@ -335,136 +261,54 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
         e.store(row + c);
         vsum = vsum + e;
       }
-      const float total = horizontal_sum(vsum);
+      vsum.store(lanes);
+      float total = 0.f;
+      for (int64_t c = 0; c < W; ++c) total += lanes[c];
       inv[r] = 1.f / total;
-      if (lse != nullptr && r < rows) lse[(i0 + r) * ldl] = m * scale + std::log(total);
     }
-    product(s, ldt, 1, v, ldv, keys, D, inv, orow, false);
-  }
-}
-
-// One backward task (an image and head, all its queries): from q, out, grad_out (L, D), k, v
-// (keys, D) and lse (L,), grad_q (L, D) and grad_k, grad_v (keys, D). Scratch: kt, vt
-// (D, ldt), p and ds ((kBackwardBlock + kRows), ldt), dp (kRows, ldt), dk and dv (keys rounded
-// up to whole tiles, D).
-//   p = exp(s * scale - lse), dp = grad_out v^T, ds = p * (dp - rowsum(grad_out * out)),
-//   grad_q = scale ds k, grad_k = scale ds^T q, grad_v = p^T grad_out.
-struct BackwardScratch {
-  std::vector<float> kt, vt, p, ds, dp, dk, dv;
-  BackwardScratch(int64_t keys, int64_t D, int64_t ldt)
-      : kt(D * ldt), vt(D * ldt), p((kBackwardBlock + kRows) * ldt),
-        ds((kBackwardBlock + kRows) * ldt), dp(kRows * ldt),
-        dk((keys + kRows - 1) / kRows * kRows * D), dv(dk.size()) {}
-};
-
-void attend_backward(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
-                     int64_t ldv, const float* o, int64_t ldo, const float* go, int64_t ldgo,
-                     const float* lse, int64_t ldl, float* gq, int64_t ldgq, float* gk,
-                     int64_t ldgk, float* gv, int64_t ldgv, int64_t L, int64_t keys, int64_t D,
-                     int64_t ldt, float scale, BackwardScratch& w) {
-  constexpr int64_t W = Vec::size();
-  pack_transposed(k, ldk, keys, D, ldt, w.kt.data());
-  pack_transposed(v, ldv, keys, D, ldt, w.vt.data());
-  std::fill(w.dk.begin(), w.dk.end(), 0.f);
-  std::fill(w.dv.begin(), w.dv.end(), 0.f);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  const float scales[kRows] = {scale, scale, scale, scale};
-  const float ones[kRows] = {1.f, 1.f, 1.f, 1.f};
-  for (int64_t b0 = 0; b0 < L; b0 += kBackwardBlock) {
-    const int64_t block = std::min(kBackwardBlock, L - b0);
-    for (int64_t i0 = 0; i0 < block; i0 += kRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, block - i0));
-      const int64_t ahead = b0 + i0 + 2 * kRows;  // the queries two tiles on
-      if (ahead < L) {
-        const int64_t count = std::min<int64_t>(kRows, L - ahead);
-        prefetch_rows(q + ahead * ldq, ldq, count, D);
-        prefetch_rows(go + ahead * ldgo, ldgo, count, D);
-        prefetch_rows(o + ahead * ldo, ldo, count, D);
-      }
-      const float *qr[kRows], *gor[kRows], *orow[kRows];
-      float* gqr[kRows];
-      tile_rows(q, ldq, b0 + i0, rows, qr);
-      tile_rows(go, ldgo, b0 + i0, rows, gor);
-      tile_rows(o, ldo, b0 + i0, rows, orow);
-      tile_rows(gq, ldgq, b0 + i0, rows, gqr);
-      float* p = w.p.data() + i0 * ldt;
-      float* ds = w.ds.data() + i0 * ldt;
-      scores(qr, w.kt.data(), D, ldt, p);
-      scores(gor, w.vt.data(), D, ldt, w.dp.data());
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t i = b0 + i0 + std::min(r, rows - 1);
-        Vec acc(0.f);  // rowsum(grad_out * out)
-        int64_t d = 0;
-        for (; d + W <= D; d += W)
-          acc = at::vec::fmadd(Vec::loadu(gor[r] + d), Vec::loadu(orow[r] + d), acc);
-        float delta = horizontal_sum(acc);
-        for (; d < D; ++d) delta += gor[r][d] * orow[r][d];
-        float* pr = p + r * ldt;
-        float* dsr = ds + r * ldt;
-        const float* dpr = w.dp.data() + r * ldt;
-        std::fill(pr + keys, pr + ldt, neg_inf);  // exp gives 0 there
-        const Vec sv(scale), lv(-lse[i * ldl]), dv(delta);
-        for (int64_t c = 0; c < ldt; c += W) {
-          const Vec e = at::vec::fmadd(Vec::loadu(pr + c), sv, lv).exp();
-          e.store(pr + c);
-          (e * (Vec::loadu(dpr + c) - dv)).store(dsr + c);
-        }
-      }
-      product(ds, ldt, 1, k, ldk, keys, D, scales, gqr, false);
+    int64_t d = 0;
+    for (; d + 2 * W <= D; d += 2 * W) {
+      float* o[kRows];
+      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
+      output_tile<2>(s, ldt, v + d, ldv, keys, inv, o);
     }
-    // The block's share of grad_k and grad_v, kRows keys at a time, summed over its queries:
-    // column j of p and ds is key j's row of p^T and ds^T. dk and dv have rows for whole tiles
-    // of keys; past the last key, p and ds are zero.
-    for (int64_t j0 = 0; j0 < keys; j0 += kRows) {
-      float *dkr[kRows], *dvr[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        dkr[r] = w.dk.data() + (j0 + r) * D;
-        dvr[r] = w.dv.data() + (j0 + r) * D;
+    if (d + W <= D) {
+      float* o[kRows];
+      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
+      output_tile<1>(s, ldt, v + d, ldv, keys, inv, o);
+      d += W;
+    }
+    for (; d < D; ++d) {  // channels past the last whole vector
+      for (int r = 0; r < rows; ++r) {
+        float acc = 0.f;
+        for (int64_t jj = 0; jj < keys; ++jj) acc += s[r * ldt + jj] * v[jj * ldv + d];
+        orow[r][d] = acc * inv[r];
       }
-      product(w.ds.data() + j0, 1, ldt, q + b0 * ldq, ldq, block, D, ones, dkr, true);
-      product(w.p.data() + j0, 1, ldt, go + b0 * ldgo, ldgo, block, D, ones, dvr, true);
     }
   }
-  for (int64_t j = 0; j < keys; ++j) {
-    for (int64_t d = 0; d < D; ++d) {
-      gk[j * ldgk + d] = scale * w.dk[j * D + d];
-      gv[j * ldgv + d] = w.dv[j * D + d];
-    }
-  }
-}
-
-void check_attention_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1,
-              name, " takes 4-D fp32 CPU tensors with unit stride along the last dimension");
-}
-
-void check_lse(const at::Tensor& lse, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(lse.is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 &&
-                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2),
-              name, ": lse must be fp32 (B, H, L) for q (B, H, L, D)");
 }
 
 // out = softmax(q k^T / sqrt(D)) v for fp32 q (B, H, L, D), k and v (B, H, keys, D) and out
-// (B, H, L, D), each with unit stride along D and any other strides (token-major views); and,
-// when given, lse (B, H, L) = log sum_j exp(q_i k_j / sqrt(D)), as PyTorch's flash kernel
-// returns it for its backward.
+// (B, H, L, D), each with unit stride along D and any other strides (token-major views).
 void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+                const at::Tensor& out) {
   const char* name = "twins_native::attention_";
-  for (const at::Tensor* t : {&q, &k, &v, &out}) check_attention_operand(*t, name);
+  for (const at::Tensor* t : {&q, &k, &v, &out}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 &&
+                    t->stride(3) == 1,
+                name, " takes 4-D fp32 CPU tensors with unit stride along the last dimension");
+  }
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), keys = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D &&
                   out.sizes() == q.sizes() && keys > 0,
               name, ": q, out (B, H, L, D) and k, v (B, H, keys, D) do not match");
-  if (lse.has_value()) check_lse(*lse, q, name);
   const int64_t W = Vec::size();
   const int64_t ldt = (keys + W - 1) / W * W;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const Rows Q(q), K(k), V(v), O(out);
-  float* LSE = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  const int64_t l0 = LSE ? lse->stride(0) : 0, l1 = LSE ? lse->stride(1) : 0,
-                ldl = LSE ? lse->stride(2) : 0;
+  const float* Q = q.const_data_ptr<float>();
+  const float* K = k.const_data_ptr<float>();
+  const float* V = v.const_data_ptr<float>();
+  float* O = out.mutable_data_ptr<float>();
   // Tasks: an (image, head) and a block of its queries, so that a few long maps still give
   // every thread work. Each task packs its keys afresh: at most kQueryBlock queries share it.
   const int64_t blocks = (L + kQueryBlock - 1) / kQueryBlock;
@@ -475,50 +319,14 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t i0 = task % blocks * kQueryBlock, rows = std::min(kQueryBlock, L - i0);
       if (task + 1 < last && (task + 1) % blocks == 0) {  // the next head's keys and values
         const int64_t nb = (task + 1) / (H * blocks), nh = (task + 1) / blocks % H;
-        prefetch_rows(K.at(nb, nh), K.ld, keys, D);
-        prefetch_rows(V.at(nb, nh), V.ld, keys, D);
+        prefetch_rows(K + nb * k.stride(0) + nh * k.stride(1), k.stride(2), keys, D);
+        prefetch_rows(V + nb * v.stride(0) + nh * v.stride(1), v.stride(2), keys, D);
       }
-      attend(Q.at(b, h) + i0 * Q.ld, Q.ld, K.at(b, h), K.ld, V.at(b, h), V.ld,
-             O.at(b, h) + i0 * O.ld, O.ld, LSE ? LSE + b * l0 + h * l1 + i0 * ldl : nullptr,
-             ldl, rows, keys, D, ldt, scale, kt.data(), s.data());
-    }
-  });
-}
-
-// grad_q, grad_k, grad_v of `attention_` from grad_out and the forward's q, k, v, out and lse;
-// each tensor as there (4-D fp32, unit stride along D), the gradients shaped as q, k, v.
-void attention_backward_(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                         const at::Tensor& grad_q, const at::Tensor& grad_k,
-                         const at::Tensor& grad_v) {
-  const char* name = "twins_native::attention_backward_";
-  for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out, &grad_q, &grad_k, &grad_v})
-    check_attention_operand(*t, name);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), keys = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D &&
-                  out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() &&
-                  grad_q.sizes() == q.sizes() && grad_k.sizes() == k.sizes() &&
-                  grad_v.sizes() == k.sizes() && keys > 0,
-              name, ": q, out, grad_out, grad_q (B, H, L, D) and k, v, grad_k, grad_v "
-              "(B, H, keys, D) do not match");
-  check_lse(lse, q, name);
-  const int64_t W = Vec::size();
-  const int64_t ldt = (keys + W - 1) / W * W;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const Rows GO(grad_out), Q(q), K(k), V(v), O(out), GQ(grad_q), GK(grad_k), GV(grad_v);
-  const float* LSE = lse.const_data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t first, int64_t last) {
-    BackwardScratch w(keys, D, ldt);
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / H, h = task % H;
-      if (task + 1 < last) {  // the next head's keys and values
-        prefetch_rows(K.at((task + 1) / H, (task + 1) % H), K.ld, keys, D);
-        prefetch_rows(V.at((task + 1) / H, (task + 1) % H), V.ld, keys, D);
-      }
-      attend_backward(Q.at(b, h), Q.ld, K.at(b, h), K.ld, V.at(b, h), V.ld, O.at(b, h), O.ld,
-                      GO.at(b, h), GO.ld, LSE + b * lse.stride(0) + h * lse.stride(1),
-                      lse.stride(2), GQ.at(b, h), GQ.ld, GK.at(b, h), GK.ld, GV.at(b, h),
-                      GV.ld, L, keys, D, ldt, scale, w);
+      attend(Q + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
+             K + b * k.stride(0) + h * k.stride(1), k.stride(2),
+             V + b * v.stride(0) + h * v.stride(1), v.stride(2),
+             O + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2), out.stride(2), rows,
+             keys, D, ldt, scale, kt.data(), s.data());
     }
   });
 }
@@ -528,14 +336,11 @@ void attention_backward_(const at::Tensor& grad_out, const at::Tensor& q, const 
 TORCH_LIBRARY(twins_native, m) {
   m.def("gelu_backward_(Tensor pre, Tensor(a!) grad, Tensor(b!) act, Tensor(c!) grad_bias) -> ()");
   m.def("round_(Tensor(a!) self, ScalarType dtype) -> ()");
-  m.def("attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!)? lse) -> ()");
-  m.def("attention_backward_(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor(a!) grad_q, Tensor(b!) grad_k, Tensor(c!) grad_v) -> ()");
+  m.def("attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twins_native, CPU, m) {
   m.impl("gelu_backward_", gelu_backward_);
   m.impl("round_", round_);
   m.impl("attention_", attention_);
-  m.impl("attention_backward_", attention_backward_);
 }
