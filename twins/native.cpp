@@ -164,21 +164,30 @@ void round_(const at::Tensor& self, at::ScalarType dtype) {
 constexpr int kRows = 4;
 constexpr int64_t kQueryBlock = 256;  // queries per task at most
 
+// acc[r][0 .. NV * Vec::size()) = sum_{t < n} a_r[t] b[t * ldb + 0 ..] for the kRows rows a_r:
+// the register tile of both products, scores (a = queries, b = packed keys) and output
+// (a = probabilities, b = values).
+template <int NV>
+inline void tile_product(const float* const* a, const float* b, int64_t ldb, int64_t n,
+                         Vec (&acc)[kRows][NV]) {
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    Vec bt[NV];
+    for (int c = 0; c < NV; ++c) bt[c] = Vec::loadu(b + t * ldb + c * Vec::size());
+    for (int r = 0; r < kRows; ++r) {
+      const Vec at_(a[r][t]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(at_, bt[c], acc[r][c]);
+    }
+  }
+}
+
 // s[r][j .. j + NV * Vec::size()) = q_r . kt[:, j ..] over the D channels.
 template <int NV>
 inline void score_tile(const float* const* q, const float* kt, int64_t D, int64_t ldk,
                        float* s, int64_t lds) {
   Vec acc[kRows][NV];
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
-  for (int64_t d = 0; d < D; ++d) {
-    Vec k[NV];
-    for (int c = 0; c < NV; ++c) k[c] = Vec::loadu(kt + d * ldk + c * Vec::size());
-    for (int r = 0; r < kRows; ++r) {
-      const Vec qd(q[r][d]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(qd, k[c], acc[r][c]);
-    }
-  }
+  tile_product<NV>(q, kt, ldk, D, acc);
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c].store(s + r * lds + c * Vec::size());
 }
@@ -187,17 +196,10 @@ inline void score_tile(const float* const* q, const float* kt, int64_t D, int64_
 template <int NV>
 inline void output_tile(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t keys,
                         const float* inv, float* const* o) {
+  const float* rows[kRows];
+  for (int r = 0; r < kRows; ++r) rows[r] = p + r * lds;
   Vec acc[kRows][NV];
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
-  for (int64_t j = 0; j < keys; ++j) {
-    Vec vj[NV];
-    for (int c = 0; c < NV; ++c) vj[c] = Vec::loadu(v + j * ldv + c * Vec::size());
-    for (int r = 0; r < kRows; ++r) {
-      const Vec pj(p[r * lds + j]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pj, vj[c], acc[r][c]);
-    }
-  }
+  tile_product<NV>(rows, v, ldv, keys, acc);
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) (acc[r][c] * Vec(inv[r])).store(o[r] + c * Vec::size());
 }
