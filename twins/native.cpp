@@ -255,9 +255,8 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
       std::fill(row + keys, row + ldt, neg_inf);
       Vec vmax(neg_inf);
       for (int64_t c = 0; c < ldt; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-      float lanes[W];
-      vmax.store(lanes);
-      const float m = *std::max_element(lanes, lanes + W);
+      const float m = at::vec::vec_reduce_all<float>(
+          [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
       const Vec mv(m), sv(scale);
       Vec vsum(0.f);
       for (int64_t c = 0; c < ldt; c += W) {
@@ -265,10 +264,7 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
         e.store(row + c);
         vsum = vsum + e;
       }
-      vsum.store(lanes);
-      float total = 0.f;
-      for (int64_t c = 0; c < W; ++c) total += lanes[c];
-      inv[r] = 1.f / total;
+      inv[r] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
     }
     int64_t d = 0;
     for (; d + 2 * W <= D; d += 2 * W) {
@@ -292,6 +288,15 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
   }
 }
 
+// A (B, H, tokens, D) tensor's data, addressed by image and head: its rows are `ld` apart.
+struct Heads {
+  float* data;
+  int64_t s0, s1, ld;
+  explicit Heads(const at::Tensor& t)
+      : data(t.data_ptr<float>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
+  float* rows(int64_t b, int64_t h) const { return data + b * s0 + h * s1; }
+};
+
 // out = softmax(q k^T / sqrt(D)) v for fp32 q (B, H, L, D), k and v (B, H, keys, D) and out
 // (B, H, L, D), each with unit stride along D and any other strides (token-major views).
 void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -309,10 +314,7 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t W = Vec::size();
   const int64_t ldt = (keys + W - 1) / W * W;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const float* Q = q.const_data_ptr<float>();
-  const float* K = k.const_data_ptr<float>();
-  const float* V = v.const_data_ptr<float>();
-  float* O = out.mutable_data_ptr<float>();
+  const Heads Q(q), K(k), V(v), O(out);
   // Tasks: an (image, head) and a block of its queries, so that a few long maps still give
   // every thread work. Each task packs its keys afresh: at most kQueryBlock queries share it.
   const int64_t blocks = (L + kQueryBlock - 1) / kQueryBlock;
@@ -323,13 +325,11 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t i0 = task % blocks * kQueryBlock, rows = std::min(kQueryBlock, L - i0);
       if (task + 1 < last && (task + 1) % blocks == 0) {  // the next head's keys and values
         const int64_t nb = (task + 1) / (H * blocks), nh = (task + 1) / blocks % H;
-        prefetch_rows(K + nb * k.stride(0) + nh * k.stride(1), k.stride(2), keys, D);
-        prefetch_rows(V + nb * v.stride(0) + nh * v.stride(1), v.stride(2), keys, D);
+        prefetch_rows(K.rows(nb, nh), K.ld, keys, D);
+        prefetch_rows(V.rows(nb, nh), V.ld, keys, D);
       }
-      attend(Q + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
-             K + b * k.stride(0) + h * k.stride(1), k.stride(2),
-             V + b * v.stride(0) + h * v.stride(1), v.stride(2),
-             O + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2), out.stride(2), rows,
+      attend(Q.rows(b, h) + i0 * Q.ld, Q.ld, K.rows(b, h), K.ld, V.rows(b, h), V.ld,
+             O.rows(b, h) + i0 * O.ld, O.ld, rows,
              keys, D, ldt, scale, kt.data(), s.data());
     }
   });
