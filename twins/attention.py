@@ -136,7 +136,8 @@ class LocallyGroupedAttention(nn.Module):
         weights = kernels.operands(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
                                     self.proj.bias)
         return kernels.window_attention_residual(x, H, W, ws, self.num_heads, norm.weight,
-                                                 norm.bias, norm.eps, *weights)
+                                                 norm.bias, norm.eps, *weights,
+                                                 kernels.emulated_autocast_dtype(x))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}"
@@ -207,11 +208,12 @@ class GlobalSubsampledAttention(nn.Module):
         Keys and values come from the whole (sub-sampled) map first; queries, attention and
         the output projection then run chunk by chunk (`kernels.global_attention_residual`).
         """
-        normed = kernels.layer_norm_scratch(x, norm, "gsa.normed")  # dies with this call
-        k, v = self._keys_values(normed, size)  # in the dtype autocast gives, as the weights
+        rounding = kernels.emulated_autocast_dtype(x)
+        normed = kernels.layer_norm_scratch(x, norm, "gsa.normed", rounding)  # dies with this call
+        k, v = kernels.operands(x, *self._keys_values(normed, size))  # in the compute dtype
         weights = kernels.operands(x, self.q.weight, self.q.bias, self.proj.weight,
                                     self.proj.bias)
-        return kernels.global_attention_residual(x, normed, k, v, *weights)
+        return kernels.global_attention_residual(x, normed, k, v, *weights, rounding)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

@@ -124,10 +124,12 @@ def _round_to(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Option
 
 def _round_(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """Round an fp32 tensor to `dtype` in place (kept in fp32); no-op when dtype is None. One
-    native pass where built (the same bits), else a cast there and back."""
-    if dtype is None:
+    native pass where built (the same bits), else a cast there and back (also under
+    torch.compile, which traces standard ops only). A tensor of `dtype` is returned as it is."""
+    if dtype is None or t.dtype == dtype:
         return t
-    native_applies = t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+    native_applies = (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                      and not torch.compiler.is_compiling())
     fused = native.ops() if native_applies else None
     if fused is None:
         return t.copy_(t.to(dtype))
@@ -245,11 +247,13 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                         residual: torch.Tensor, out: torch.Tensor,
+                         rounding: Optional[torch.dtype] = None) -> torch.Tensor:
     """out = residual + (x W^T + b) for 2-D chunks, with no fresh allocation; `out` may be
-    `residual` itself. With weights in a lower precision than the residual (bf16 autocast) the
-    branch is rounded to the weights' dtype first, as `residual + layer(x)` under autocast."""
-    if out.dtype == weight.dtype == residual.dtype:
+    `residual` itself. With weights in a lower precision than the residual (bf16 autocast),
+    or with `rounding` (emulated autocast), the branch is rounded to that dtype first, as
+    `residual + layer(x)` under autocast."""
+    if rounding is None and out.dtype == weight.dtype == residual.dtype:
         # out = residual + b, then the matmul accumulates into it: one pass over the chunk
         # besides the matmul, where the bias copy and a residual add took two (fp32 inference
         # 1-2% faster, SVT-S/L and PCPVT-S). Only the order of the sums differs.
@@ -260,7 +264,7 @@ def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         return out.addmm_(x, weight.t())
     # Low precision: the branch is rounded to the weights' dtype in a scratch chunk first.
     y = linear_into(x, weight, bias, scratch("residual.branch", x.shape[0], weight.shape[0], weight))
-    return torch.add(residual, y, out=out)
+    return torch.add(residual, _round_(y, rounding), out=out)
 
 
 def cast_chunk(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -353,9 +357,10 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
 
     x (M, C); w1, b1, w2, b2 and (unless `residual`) out (M, C_out) in the compute dtype; `pre`
     and `act` (M, H) receive fc1's and the GELU's output when given (saved for backward), else
-    chunk-sized buffers hold them. `rounding` rounds fc1's output and the GELU as bf16/fp16 autocast kernels would
-    (None: no rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk
-    first) and `residual` are for inference only; with `residual`, out may be x itself.
+    chunk-sized buffers hold them. `rounding` rounds fc1's input (from `norm`) and output, the
+    GELU and (with `residual`) fc2's output as bf16/fp16 autocast kernels would (None: no
+    rounding). `norm` (the weight, bias and eps of a LayerNorm applied to each chunk first) and
+    `residual` are for inference only; with `residual`, out may be x itself.
     """
     M, H = x.shape[0], w1.shape[0]
     rows = min(CHUNK_ROWS, M)
@@ -364,13 +369,13 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[s:e] if act is not None else act_chunk[:e - s]
-        linear_into(cast_chunk(x[s:e] if norm is None else layer_norm(x[s:e], *norm), w1),
+        linear_into(cast_chunk(x[s:e] if norm is None else _normed(x[s:e], norm, rounding), w1),
                     w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
         _round_(g, rounding)
         if residual:
-            residual_linear_into(g, w2, b2, x[s:e], out[s:e])
+            residual_linear_into(g, w2, b2, x[s:e], out[s:e], rounding)
         else:
             linear_into(g, w2, b2, out[s:e])
 
@@ -860,8 +865,8 @@ def query_chunk_attention(x: torch.Tensor, q_layer: nn.Linear, k: torch.Tensor,
 
 def inference_applies(x: torch.Tensor) -> bool:
     """Whether the chunked residual branches apply: CPU inference, eager or under
-    torch.compile (not under export or TorchScript), in fp32 or under autocast where the CPU
-    has native kernels for it (see `compute_dtype`)."""
+    torch.compile (not under export or TorchScript), in fp32 or under bf16 autocast (native or
+    emulated, see `compute_dtype`)."""
     if torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling():  # torch.compile calls the ops; exporters get standard ops
@@ -869,12 +874,19 @@ def inference_applies(x: torch.Tensor) -> bool:
             return False
     elif not enabled(x):
         return False
-    return _kernel_dtype(x) is not None and emulated_autocast_dtype(x) is None
+    return _kernel_dtype(x) is not None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _normed(x: torch.Tensor, norm: Tuple[torch.Tensor, torch.Tensor, float],
+            rounding: Optional[torch.dtype]) -> torch.Tensor:
+    """LayerNorm (weight, bias, eps) of x, rounded to `rounding` as an emulated-autocast
+    linear rounds its input (free for a bf16 x, whose LayerNorm is bf16 already)."""
+    return _round_(layer_norm(x, *norm), rounding)
 
 
 class _LowPrecisionLayerNorm(torch.autograd.Function):
@@ -947,13 +959,15 @@ def _same_as_input(x: torch.Tensor, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str) -> torch.Tensor:
+def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str,
+                       rounding: Optional[torch.dtype] = None) -> torch.Tensor:
     """`norm(x)` for fp32 x at eager CPU inference, written into a per-thread scratch buffer
-    instead of freshly mapped memory. The result is overwritten by the next call with the same
+    instead of freshly mapped memory, and rounded to `rounding` (emulated autocast) as a
+    linear or convolution takes it. The result is overwritten by the next call with the same
     slot: for temporaries that never leave the caller."""
     if (not enabled(x) or torch.is_grad_enabled() or x.dtype != torch.float32
             or not x.is_contiguous()):
-        return norm(x)
+        return _round_(norm(x), rounding)
     lead = x.shape[:-1]
     rows = x.numel() // x.shape[-1]
     out = scratch(slot, rows, x.shape[-1], x).view(x.shape)
@@ -961,20 +975,23 @@ def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str) -> torch.
     torch.ops.aten.native_layer_norm.out(x, norm.normalized_shape, norm.weight, norm.bias,
                                          norm.eps, out0=out, out1=stats[0].view(*lead, 1),
                                          out2=stats[1].view(*lead, 1))
-    return out
+    return _round_(out, rounding)
 
 
 @torch.library.custom_op("twins::mlp_residual_", mutates_args=("x",))
 def mlp_residual_(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-                  w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+                  w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                  rounding: Optional[torch.dtype]) -> None:
     """x += fc2(GELU(fc1(LN(x)))) in place at inference, chunked over tokens (see above): each
     chunk's branch is computed before the chunk is overwritten. fc weights in the compute
-    dtype; x (..., C) contiguous. For tensors the caller owns (a block's attention output)."""
+    dtype; `rounding` the emulated autocast dtype, or None; x (..., C) contiguous. For tensors
+    the caller owns (a block's attention output)."""
     if not x.is_contiguous():
         raise ValueError("twins::mlp_residual_ updates x in place and needs it contiguous")
     x2d = x.view(-1, x.shape[-1])
     with torch.autocast("cpu", enabled=False):
-        _mlp_chunks(x2d, w1, b1, w2, b2, x2d, norm=(ln_weight, ln_bias, eps), residual=True)
+        _mlp_chunks(x2d, w1, b1, w2, b2, x2d, rounding=rounding, norm=(ln_weight, ln_bias, eps),
+                    residual=True)
 
 
 @mlp_residual_.register_fake
@@ -1010,14 +1027,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: str) -> torc
 def window_attention_residual(x: torch.Tensor, height: int, width: int, window: int, heads: int,
                               ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                               w_qkv: torch.Tensor, b_qkv: torch.Tensor, w_proj: torch.Tensor,
-                              b_proj: torch.Tensor) -> torch.Tensor:
+                              b_proj: torch.Tensor, rounding: Optional[torch.dtype]) -> torch.Tensor:
     """x + LSA(LN(x)) at inference for a map whose sides are multiples of `window`.
 
     Works through bands of whole window rows (ws token rows of one image), a few at a time.
     The normalised tokens are put in window order once, before the qkv projection; q, k and v
     are then strided views of its output that the attention kernel reads in place, and its
     output is already laid out for the output projection, whose result returns to token order
-    in the residual add. Shapes: (B, height * width, C) -> the same, in the dtype of x.
+    in the residual add. Under emulated autocast (`rounding`) the LayerNorm, q/k/v, attention
+    and projection outputs are rounded as autocast's kernels round them.
+    Shapes: (B, height * width, C) -> the same, in the dtype of x.
     """
     B, N, C = x.shape
     ws = window
@@ -1036,12 +1055,12 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
             tokens = bands[s:e]
             # Token order -> window order (n, window, row, column, C), in the compute dtype.
             win = win_buf[:n * band].view(n, wg, ws, ws, C)
-            win.copy_(layer_norm(tokens, ln_weight, ln_bias, eps).permute(0, 2, 1, 3, 4))
+            win.copy_(_normed(tokens, (ln_weight, ln_bias, eps), rounding).permute(0, 2, 1, 3, 4))
             qkv = linear_into(win.view(n * band, C), w_qkv, b_qkv, qkv_buf[:n * band])
-            q, k, v = _window_heads(qkv, L, heads)  # (n * wg, heads, L, hd) strided views
+            q, k, v = _window_heads(_round_(qkv, rounding), L, heads)  # (n * wg, heads, L, hd)
             a = attend(q, k, v, "attn.out")  # stored as (n * wg, L, heads, hd)
-            y = linear_into(a.transpose(1, 2).reshape(n * band, C), w_proj, b_proj,
-                            proj_buf[:n * band])
+            a = _round_(a.transpose(1, 2).reshape(n * band, C), rounding)
+            y = _round_(linear_into(a, w_proj, b_proj, proj_buf[:n * band]), rounding)
             # x + branch, the branch taken from window order back to token order.
             torch.add(tokens, y.view(n, wg, ws, ws, C).permute(0, 2, 1, 3, 4), out=out[s:e])
     return out.view(B, N, C)
@@ -1050,26 +1069,29 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
 @torch.library.custom_op("twins::global_attention_residual", mutates_args=())
 def global_attention_residual(x: torch.Tensor, normed: torch.Tensor, k: torch.Tensor,
                               v: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor,
-                              w_proj: torch.Tensor, b_proj: torch.Tensor) -> torch.Tensor:
+                              w_proj: torch.Tensor, b_proj: torch.Tensor,
+                              rounding: Optional[torch.dtype]) -> torch.Tensor:
     """x + proj(softmax(q k^T / sqrt(hd)) v) with q = normed W_q^T + b_q, at inference.
 
-    k, v (B, heads, N', hd) come from the whole (sub-sampled) map; queries, attention and the
-    output projection run a few images (or part of one) at a time in cache.
-    Shapes: x, normed (B, N, C) -> (B, N, C), in the dtype of x.
+    k, v (B, heads, N', hd) come from the whole (sub-sampled) map, in the compute dtype;
+    queries, attention and the output projection run a few images (or part of one) at a time
+    in cache. `normed` is rounded already under emulated autocast (`rounding`), which rounds q,
+    the attention output and the projection here. Shapes: x, normed (B, N, C) -> (B, N, C), in
+    the dtype of x.
     """
     B, N, C = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
     with torch.autocast("cpu", enabled=False):
-        for b0, b1, t0, t1, q in query_chunks(normed, w_q, b_q, k.shape[1]):
+        for b0, b1, t0, t1, q in query_chunks(normed, w_q, b_q, k.shape[1], rounding):
             n, t = b1 - b0, t1 - t0
             a = attend(q, k[b0:b1], v[b0:b1], "gsa.out")  # (n, heads, t, hd)
             # The kernel stores its output as (n, t, heads, hd): (n * t, C) is a view (a copy
             # only if some backend lays it out otherwise).
-            a = a.transpose(1, 2).reshape(n * t, C)
+            a = _round_(a.transpose(1, 2).reshape(n * t, C), rounding)
             # Either whole images or part of one image: contiguous rows of x and out.
             residual_linear_into(a, w_proj, b_proj, x[b0:b1, t0:t1].reshape(n * t, C),
-                                 out[b0:b1, t0:t1].view(n * t, C))
+                                 out[b0:b1, t0:t1].view(n * t, C), rounding)
     return out
 
 

@@ -57,7 +57,7 @@ class Block(nn.Module):
             weights = kernels.operands(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
                                         mlp.fc2.bias)
             kernels.mlp_residual_(x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                  *weights)
+                                  *weights, kernels.emulated_autocast_dtype(x))
             return x
         x = x + self.drop_path(self.attn(self.norm1(x), size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
