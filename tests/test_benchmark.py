@@ -71,6 +71,8 @@ def test_train_step_updates_the_weights():
     ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("mkldnn::_linear_pointwise", "matmul"),
     ("aten::bmm", "matmul"), ("aten::mkldnn_convolution", "conv"),
     ("aten::convolution_backward", "conv"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("twins_native::attention_", "attention"), ("twins::window_attention_residual", "other"),
+    ("twins::flash_attention", "other"),
     ("aten::copy_", "other"), ("aten::gelu", "other"), ("aten::native_layer_norm", "other")])
 def test_kernel_category(name, category):
     assert benchmark.kernel_category(name) == category
@@ -342,19 +344,25 @@ def test_run_config_times_only_the_implementations_asked(monkeypatch):
     assert "max_logit_diff" not in part and "ratio" not in part
 
 
-def test_attention_ab_tool_times_both_kernels():
-    """tools/attention_ab.py: each setting's steps, their ratio, and (profiled) the time in the
-    attention operators, which both settings run (7 x 7 windows: 56 pixels, stride 4 and 8)."""
+@pytest.mark.parametrize("compare, names, measured", [
+    ("attention", ["flash", "native"], ["attention ops"]),
+    ("emulated-bf16", ["plain", "branches"], ["all ops", "kernels"])])
+def test_inference_ab_tool_times_both_settings(compare, names, measured):
+    """tools/inference_ab.py: each setting's steps, their ratio, and (profiled) the time in the
+    operators it reports, which both settings run (7 x 7 windows: 56 pixels, stride 4 and 8)."""
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(repo / "tools" / "attention_ab.py"), "--model",
-                          "alt_gvt_micro", "--img-size", "56", "--batch-size", "2", "--rounds",
-                          "2", "--profile"],
+    out = subprocess.run([sys.executable, str(repo / "tools" / "inference_ab.py"), "--compare",
+                          compare, "--model", "alt_gvt_micro", "--img-size", "56",
+                          "--batch-size", "2", "--rounds", "2", "--profile"],
                          check=True, text=True, capture_output=True, timeout=300).stdout
     lines = [line for line in out.splitlines() if not line.startswith("native kernels ")]
-    assert lines[0].startswith("alt_gvt_micro inference fp32, batch 2, 56px, 2 alternating rounds")
-    for name, line in zip(["flash", "native"], lines[1:3]):
+    precision = "fp32" if compare == "attention" else "bf16 (emulated)"
+    assert lines[0].startswith(f"alt_gvt_micro inference {precision}, batch 2, 56px, "
+                               "2 alternating rounds")
+    for name, line in zip(names, lines[1:3]):
         words = line.split()
         assert words[0] == name and float(words[1]) > 0 and words[2] == "img/s"
-        assert float(line.split("attention ops ")[1].split()[0]) > 0
-    ratio = float(lines[3].split("native / flash: ")[1].split()[0])
+        ms = [float(line.split(f"{key} ")[1].split()[0]) for key in measured]
+        assert all(m > 0 for m in ms) and ms == sorted(ms, reverse=True)  # kernels <= all ops
+    ratio = float(lines[3].split(f"{names[1]} / {names[0]}: ")[1].split()[0])
     assert 0 < ratio < 100
