@@ -362,6 +362,7 @@ def test_inference_ab_tool_times_both_settings(compare, names, measured):
     for name, line in zip(names, lines[1:3]):
         words = line.split()
         assert words[0] == name and float(words[1]) > 0 and words[2] == "img/s"
+        assert float(line.split(" MiB faulted")[0].split()[-1]) >= 0
         ms = [float(line.split(f"{key} ")[1].split()[0]) for key in measured]
         assert all(m > 0 for m in ms) and ms == sorted(ms, reverse=True)  # kernels <= all ops
     ratio = float(lines[3].split(f"{names[1]} / {names[0]}: ")[1].split()[0])

@@ -8,8 +8,8 @@ without bf16 instructions (forced here on any CPU): the plain modules ("plain") 
 chunked residual branches ("branches", the default setting).
 
 The order swaps every round and each timed step follows an untimed one of the same setting.
-Prints each setting's median img/s, the per-round ratios (second setting / first) and their
-median; with --profile, each setting's median time per profiled step in the attention
+Prints each setting's median img/s and fresh memory page-faulted in per step, the per-round
+ratios (second setting / first) and their median; with --profile, each setting's median time per profiled step in the attention
 operators (attention) or in matmul/convolution/attention kernels and in all operators
 (emulated-bf16):
 
@@ -91,6 +91,7 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     step = inference_step(create_model(args.model), images, amp_dtype)
     speed: Dict[str, List[float]] = {name: [] for name in names}
+    faulted: Dict[str, List[float]] = {name: [] for name in names}
     profiled: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -98,8 +99,9 @@ def main() -> None:
             step()  # untimed: the allocator's state as steps of this setting leave it
             profiling = profile(activities=[ProfilerActivity.CPU]) if args.profile else None
             with profiling or contextlib.nullcontext():
-                seconds, _ = time_call(step, torch.device("cpu"))
+                seconds, mib = time_call(step, torch.device("cpu"))
             speed[name].append(args.batch_size / seconds)
+            faulted[name].append(mib)
             if profiling is not None:
                 profiled[name].append(profiled_ms(profiling, args.compare))
     use(names[1])
@@ -109,7 +111,8 @@ def main() -> None:
           f"{args.rounds} alternating rounds{' (profiled)' if args.profile else ''}:")
     for name in names:
         line = (f"  {name:8s} {statistics.median(speed[name]):6.2f} img/s "
-                f"({min(speed[name]):.2f}-{max(speed[name]):.2f})")
+                f"({min(speed[name]):.2f}-{max(speed[name]):.2f}), "
+                f"{statistics.median(faulted[name]):.0f} MiB faulted")
         for key in sorted({k for times in profiled[name] for k in times}):
             line += (f", {key} {statistics.median(t.get(key, 0.0) for t in profiled[name]):.1f}"
                      f" ms per step")
