@@ -659,8 +659,8 @@ def test_emulated_bf16_inference_rounds_where_the_plain_modules_do(kind, stream,
     """On a CPU without bf16 kernels the chunked residual branches compute in fp32 and round
     the LayerNorm, q/k/v, attention, GELU and projection outputs as the plain modules under
     emulated autocast do: the same bits, but for the rare element where the two fp32 attention
-    kernels' last-bit difference flips a rounding (at most 0.2% measured; leaving out one
-    rounding made 17% or more differ). The residual stream is bf16, as in the models, or fp32, whose
+    kernels' last-bit difference flips a rounding (at most 0.2% measured; leaving out the
+    attention's or fc2's rounding made 17% or more differ). The residual stream is bf16, as in the models, or fp32, whose
     sum shows every difference of the branch."""
     monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, False)
     block = inference_block(kind)
