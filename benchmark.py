@@ -358,7 +358,8 @@ KERNEL_CATEGORIES = {
 
 def kernel_category(op_name: str) -> str:
     """'matmul', 'conv', 'attention' or 'other' for a profiler op name. Our `twins::` custom
-    ops are composites whose self time is the Python between the kernels they call: 'other'."""
+    ops are composites: their self time is what the profiler attributes to no operator inside
+    them (the Python around the kernels they call, and more), so 'other'."""
     if op_name.startswith("twins::"):
         return "other"
     lowered = op_name.lower()

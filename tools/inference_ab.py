@@ -9,9 +9,9 @@ chunked residual branches ("branches", the default setting).
 
 The order swaps every round and each timed step follows an untimed one of the same setting.
 Prints each setting's median img/s and fresh memory page-faulted in per step, the per-round
-ratios (second setting / first) and their median; with --profile, each setting's median time per profiled step in the attention
-operators (attention) or in matmul/convolution/attention kernels and in all operators
-(emulated-bf16):
+ratios (second setting / first) and their median; with --profile, each setting's median time
+per profiled step in the attention operators (attention), or in matmul/convolution/attention
+kernels and in all operators (emulated-bf16):
 
     python tools/inference_ab.py --model alt_gvt_small --rounds 12
     python tools/inference_ab.py --model pcpvt_small_v0 --rounds 4 --profile

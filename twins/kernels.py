@@ -262,7 +262,8 @@ def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         elif out.data_ptr() != residual.data_ptr():
             out.copy_(residual)
         return out.addmm_(x, weight.t())
-    # Low precision: the branch is rounded to the weights' dtype in a scratch chunk first.
+    # Low precision: the branch goes to a scratch chunk first, computed in the weights' dtype
+    # or rounded to `rounding` (emulated autocast).
     y = linear_into(x, weight, bias, scratch("residual.branch", x.shape[0], weight.shape[0], weight))
     return torch.add(residual, _round_(y, rounding), out=out)
 
