@@ -131,67 +131,6 @@ def test_emulated_rounding_takes_the_native_pass_where_it_can(dtype, monkeypatch
     assert kernels._round_(x, None) is x and torch.equal(x.view(torch.int32), bits)  # untouched
 
 
-@pytest.mark.parametrize("dtype", ROUNDINGS, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("rows, hidden", [(1, 16), (36, 40), (300, 256), (64, 7)],
-                         ids=["one-row", "partial-pair", "several-tasks", "under-a-vector"])
-def test_bias_gelu_round_gives_the_bits_of_torchs_passes(dtype, rows, hidden):
-    """round(GELU(round(x + b))) in one pass: the bits of PyTorch's add, cast there and back,
-    gelu and cast, also in the last columns of a row (a partial pair of vectors). PyTorch's
-    own gelu kernel, that is, on whole vectors (sizes of 16k elements: its scalar tail takes
-    std::erf, which differs from the vectorised erf in the GELU's far negative tail); on large
-    tensors torch hands the GELU to oneDNN, whose erf differs in the last fp32 bit and which
-    returns +0 where the erf saturates, -0 here."""
-    ops = native_ops()
-    torch.manual_seed(0)
-    x, bias = torch.randn(rows, hidden) * 4, torch.randn(hidden)
-    x[0, :3] = torch.tensor([0.0, -9.0, 9.0])[: min(3, hidden)] - bias[: min(3, hidden)]
-    with torch.backends.mkldnn.flags(enabled=False):
-        want = torch.nn.functional.gelu((x + bias).to(dtype).float()).to(dtype).float()
-    got = x.clone()
-    ops.bias_gelu_round_(got, bias, dtype)
-    assert_same_bits(got, want)
-
-
-def test_bias_gelu_round_rejects_what_it_does_not_handle():
-    ops = native_ops()
-    a, bias = torch.randn(4, 8), torch.randn(8)
-    with pytest.raises(RuntimeError, match="contiguous fp32 CPU tensors, not BFloat16"):
-        ops.bias_gelu_round_(a.bfloat16(), bias, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="contiguous fp32"):
-        ops.bias_gelu_round_(a.t(), torch.randn(4), torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r"\(M, H\) and bias \(H,\)"):
-        ops.bias_gelu_round_(a, torch.randn(7), torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bfloat16 or float16, not Double"):
-        ops.bias_gelu_round_(a, bias, torch.float64)
-
-
-@pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
-def test_emulated_inference_mlp_takes_the_fused_pass(chunk_rows, monkeypatch):
-    """At emulated bf16 inference the MLP's bias, GELU and roundings are one native pass per
-    chunk, with the bits of the PyTorch passes it replaces: the same matmuls (the bias added
-    after fc1's product instead of before it, which a product this short leaves exact), and
-    PyTorch's own gelu kernel (not oneDNN's, see above)."""
-    counting = _Counting(native_ops())
-    monkeypatch.setitem(kernels._CPU_NATIVE, torch.bfloat16, False)
-    monkeypatch.setattr(kernels, "CHUNK_ROWS", chunk_rows)
-    torch.manual_seed(0)
-    m = Mlp(16, 32).eval()  # chunks of whole vectors for PyTorch's gelu (see above)
-    x = torch.randn(3, 7, 16).bfloat16()  # the bf16 residual stream of autocast
-
-    def run():
-        with (torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16),
-              torch.backends.mkldnn.flags(enabled=False)):
-            return m(x)
-
-    monkeypatch.setattr(native, "ops", lambda: counting)
-    fused = run()
-    assert counting.calls.get("bias_gelu_round_") == -(-21 // chunk_rows)
-    monkeypatch.setattr(native, "ops", lambda: None)
-    plain = run()
-    assert fused.dtype == plain.dtype == torch.bfloat16
-    assert torch.equal(fused, plain)
-
-
 class _Counting:
     """The native operators, counting the calls of each."""
 
@@ -368,11 +307,6 @@ x[::7] = x[::7].view(torch.int32).bitwise_and(~0xFFFF).bitwise_or(0x8000).view(t
 rounded = x.clone()
 ops.round_(rounded, torch.bfloat16)
 assert torch.equal(rounded, x.bfloat16().float())
-x, bias = torch.randn(36, 40) * 4, torch.randn(40)
-got = x.clone()
-ops.bias_gelu_round_(got, bias, torch.bfloat16)
-want = torch.nn.functional.gelu((x + bias).bfloat16().double())
-torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2 ** -8)
 q = torch.randn(2, 13, 3, 32).transpose(1, 2)
 k, v = torch.randn(2, 2, 49, 3, 32).transpose(2, 3).unbind(0)
 out = torch.empty(2, 13, 3, 32).transpose(1, 2)

@@ -367,22 +367,14 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     rows = min(CHUNK_ROWS, M)
     hidden = scratch("mlp.hidden", rows, H, w1)  # the weights carry the compute dtype
     act_chunk = scratch("mlp.act", rows, H, w1) if pre is not None else hidden
-    # Emulated autocast with nothing saved: the GELU runs in place on fc1's output, and one
-    # native pass adds the bias and rounds before and after it (four passes otherwise).
-    fused = None
-    if rounding is not None and pre is None and b1 is not None and w1.dtype == torch.float32:
-        fused = native.ops()
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[s:e] if act is not None else act_chunk[:e - s]
-        a = cast_chunk(x[s:e] if norm is None else _normed(x[s:e], norm, rounding), w1)
-        if fused is not None:  # g is h
-            fused.bias_gelu_round_(torch.mm(a, w1.t(), out=h), b1, rounding)
-        else:
-            linear_into(a, w1, b1, h)
-            _round_(h, rounding)
-            torch.ops.aten.gelu.out(h, out=g)
-            _round_(g, rounding)
+        linear_into(cast_chunk(x[s:e] if norm is None else _normed(x[s:e], norm, rounding), w1),
+                    w1, b1, h)
+        _round_(h, rounding)
+        torch.ops.aten.gelu.out(h, out=g)
+        _round_(g, rounding)
         if residual:
             residual_linear_into(g, w2, b2, x[s:e], out[s:e], rounding)
         else:

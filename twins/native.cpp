@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -152,62 +151,6 @@ void round_(const at::Tensor& self, at::ScalarType dtype) {
       round_range<c10::BFloat16>(x, begin, end);
     } else {
       round_range<c10::Half>(x, begin, end);
-    }
-  });
-}
-
-// Rows [begin, end) of bias_gelu_round_ (below) for a rounding type T.
-template <typename T>
-void bias_gelu_round_rows(float* x, const float* bias, int64_t H, int64_t begin, int64_t end) {
-  constexpr int64_t step = at::vec::Vectorized<T>::size();  // two float vectors
-  const Vec alpha(static_cast<float>(M_SQRT1_2)), half(0.5f), one(1.f);
-  // The rounding of two float vectors to T's values (ATen's conversions, as round_range).
-  const auto round_pair = [](Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
-  };
-  const int64_t W = Vec::size();
-  for (int64_t r = begin; r < end; ++r) {
-    float* p = x + r * H;
-    for (int64_t j = 0; j < H; j += step) {
-      // The last columns of a row are a partial pair of vectors, so that every element goes
-      // through the same vectorised erf (the scalar std::erf rounds differently).
-      const int64_t n = std::min(step, H - j), na = std::min(W, n), nb = n - na;
-      Vec a = Vec::loadu(p + j, na) + Vec::loadu(bias + j, na);
-      Vec b = nb > 0 ? Vec::loadu(p + j + W, nb) + Vec::loadu(bias + j + W, nb) : Vec(0.f);
-      round_pair(a, b);
-      // PyTorch's gelu kernel, term for term: x * 0.5 * (1 + erf(x / sqrt 2)).
-      a = a * half * (one + (a * alpha).erf());
-      b = b * half * (one + (b * alpha).erf());
-      round_pair(a, b);
-      a.store(p + j, na);
-      if (nb > 0) b.store(p + j + W, nb);
-    }
-  }
-}
-
-// For x = a matmul's output (M, H) and its bias (H,), fp32, in place and in one pass:
-//   x <- round(GELU(round(x + bias)))   (exact erf GELU; round: to bfloat16 or float16)
-// what emulated autocast does to fc1's output, which PyTorch (and kernels.py without this
-// pass) does in four: the bias copy of addmm, a rounding, the GELU and another rounding.
-void bias_gelu_round_(const at::Tensor& self, const at::Tensor& bias, at::ScalarType dtype) {
-  const char* name = "twins_native::bias_gelu_round_";
-  TORCH_CHECK(self.dim() == 2 && bias.dim() == 1 && bias.size(0) == self.size(1),
-              name, ": takes x (M, H) and bias (H,)");
-  for (const at::Tensor* t : {&self, &bias}) {
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                name, " takes contiguous fp32 CPU tensors, not ", t->scalar_type());
-  }
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
-              name, " rounds to bfloat16 or float16, not ", dtype);
-  const int64_t M = self.size(0), H = self.size(1);
-  float* x = self.mutable_data_ptr<float>();
-  const float* b = bias.const_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(H, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    if (dtype == at::kBFloat16) {
-      bias_gelu_round_rows<c10::BFloat16>(x, b, H, begin, end);
-    } else {
-      bias_gelu_round_rows<c10::Half>(x, b, H, begin, end);
     }
   });
 }
@@ -397,13 +340,11 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 TORCH_LIBRARY(twins_native, m) {
   m.def("gelu_backward_(Tensor pre, Tensor(a!) grad, Tensor(b!) act, Tensor(c!) grad_bias) -> ()");
   m.def("round_(Tensor(a!) self, ScalarType dtype) -> ()");
-  m.def("bias_gelu_round_(Tensor(a!) self, Tensor bias, ScalarType dtype) -> ()");
   m.def("attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twins_native, CPU, m) {
   m.impl("gelu_backward_", gelu_backward_);
   m.impl("round_", round_);
-  m.impl("bias_gelu_round_", bias_gelu_round_);
   m.impl("attention_", attention_);
 }
