@@ -210,10 +210,10 @@ class GlobalSubsampledAttention(nn.Module):
         """
         rounding = kernels.emulated_autocast_dtype(x)
         normed = kernels.layer_norm_scratch(x, norm, "gsa.normed", rounding)  # dies with this call
-        k, v = kernels.operands(x, *self._keys_values(normed, size))  # in the compute dtype
-        weights = kernels.operands(x, self.q.weight, self.q.bias, self.proj.weight,
-                                    self.proj.bias)
-        return kernels.global_attention_residual(x, normed, k, v, *weights, rounding)
+        # k, v and the weights in the compute dtype.
+        operands = kernels.operands(x, *self._keys_values(normed, size), self.q.weight,
+                                    self.q.bias, self.proj.weight, self.proj.bias)
+        return kernels.global_attention_residual(x, normed, *operands, rounding)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"

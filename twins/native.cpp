@@ -266,16 +266,15 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
       }
       inv[r] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
     }
+    float* o[kRows];  // the output rows from channel d on
+    const auto from = [&](int64_t d) {
+      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
+      return o;
+    };
     int64_t d = 0;
-    for (; d + 2 * W <= D; d += 2 * W) {
-      float* o[kRows];
-      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
-      output_tile<2>(s, ldt, v + d, ldv, keys, inv, o);
-    }
+    for (; d + 2 * W <= D; d += 2 * W) output_tile<2>(s, ldt, v + d, ldv, keys, inv, from(d));
     if (d + W <= D) {
-      float* o[kRows];
-      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
-      output_tile<1>(s, ldt, v + d, ldv, keys, inv, o);
+      output_tile<1>(s, ldt, v + d, ldv, keys, inv, from(d));
       d += W;
     }
     for (; d < D; ++d) {  // channels past the last whole vector
