@@ -178,6 +178,25 @@ def time_inference(model: nn.Module, images: torch.Tensor, *, warmup: int, runs:
     return time_interleaved({"model": step}, images.shape[0], images.device, warmup, runs)["model"]
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 1024,
+                runs: int = 10) -> float:
+    """GFLOP/s of a (size x size) @ (size x size) matmul in `dtype` on `device`, the median of
+    `runs` after one untimed call: how fast this machine multiplies at the moment. The same
+    code measures at different speeds on different days (shared hosts, clock speeds), and both
+    implementations' steps are mostly matmuls, so a run records this beside its figures."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    torch.mm(a, b)
+    seconds = statistics.median(time_call(lambda: torch.mm(a, b), device)[0] for _ in range(runs))
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def matmul_rates(device: torch.device, precisions: Sequence[str]) -> Dict[str, float]:
+    """`matmul_rate` in fp32 and in each low precision asked for, keyed by precision name."""
+    names = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
+    return {name: matmul_rate(device, PRECISIONS[name] or torch.float32) for name in names}
+
+
 # ---------------------------------------------------------------------------------- models
 def timm_name(model: str) -> str:
     """timm's name for one of our models, or a ValueError for models timm does not have."""
@@ -652,6 +671,11 @@ def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command
         header += f" at commit {env['commit']}"
     if env["env"]:
         header += ", with " + " ".join(f"{k}={v}" for k, v in env["env"].items())
+    rates = env.get("matmul_gflops")
+    if rates:  # how fast the machine multiplied, at the start of the run and at its end
+        header += "; matmul GFLOP/s (start / end): " + ", ".join(
+            f"{name} {rate:,.0f} / " + (f"{rates['end'][name]:,.0f}" if "end" in rates else "-")
+            for name, rate in rates["start"].items())
     stem.with_suffix(".md").write_text(header + "\n\n" + markdown_table(rows))
     return stem.with_suffix(".json")
 
@@ -726,6 +750,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         raise SystemExit("--retain-memory needs glibc's mallopt, which this platform lacks")
     device = torch.device(args.device)
     configs = configs_from_args(args)
+    if "fp16" in args.precision and device.type != "cuda":  # fail before any timing
+        raise SystemExit("benchmark.py: error: --precision fp16 is for CUDA devices only; "
+                         "use bf16 on the CPU")
     try:  # fail before any timing on a bad checkpoint or image folder
         if args.checkpoint:
             load_weights(args.checkpoint)
@@ -740,10 +767,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
             except ValueError as error:
                 raise SystemExit(f"benchmark.py: error: {error}") from None
     env = environment(device, Path(args.output_dir))  # the code as launched
+    env["matmul_gflops"] = {"start": matmul_rates(device, args.precision)}
     rows: List[Dict] = []
     for cfg in configs:  # results are rewritten after every row: long runs keep what they have
         rows.append(run_config_isolated(cfg, args) if args.isolate else run_config(cfg, args, device))
         path = write_results(rows, args, env, command)
+    env["matmul_gflops"]["end"] = matmul_rates(device, args.precision)
+    path = write_results(rows, args, env, command)
     print("\n" + markdown_table(rows) + f"\nwrote {path} and {path.with_suffix('.md')}")
     return rows
 

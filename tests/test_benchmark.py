@@ -91,6 +91,21 @@ def test_fp16_on_cpu_is_refused():
     cfg = Config("pcpvt_micro", 1, 32, "fp16", "inference")
     with pytest.raises(ValueError, match="CUDA"):
         benchmark.make_step(torch.nn.Identity(), cfg, torch.randn(1, 3, 32, 32), torch.tensor([0]))
+    with pytest.raises(SystemExit, match="fp16 is for CUDA devices only"):  # before any timing
+        benchmark.main(["--model", "pcpvt_micro", "--precision", "fp32", "fp16", "--device", "cpu"])
+
+
+def test_matmul_rate_is_the_flops_over_the_median_time(monkeypatch):
+    seconds = iter([0.004, 0.001, 0.002])
+    monkeypatch.setattr(benchmark, "time_call", lambda fn, device: (next(seconds), 0.0))
+    rate = benchmark.matmul_rate(torch.device("cpu"), torch.float32, size=8, runs=3)
+    assert rate == pytest.approx(2 * 8 ** 3 / 0.002 / 1e9)
+
+
+def test_matmul_rates_measure_fp32_and_each_precision_asked_once():
+    rates = benchmark.matmul_rates(torch.device("cpu"), ["bf16", "fp32", "bf16"])
+    assert list(rates) == ["fp32", "bf16"]
+    assert all(rate > 0.1 for rate in rates.values())  # GFLOP/s: any CPU manages this
 
 
 def test_compare_timm_refuses_models_without_counterpart():
@@ -217,7 +232,12 @@ def test_main_writes_json_and_markdown(tmp_path):
     assert data["environment"]["commit"] == revision
     header = (tmp_path / "benchmark_unit.md").read_text().splitlines()[0]
     machine = f"` on {benchmark.cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
-    assert header.endswith(machine + (f" at commit {revision}" if revision else ""))
+    assert machine + (f" at commit {revision};" if revision else ";") in header
+    rates = data["environment"]["matmul_gflops"]  # at the start of the run and at its end
+    assert [list(rates[when]) for when in ("start", "end")] == [["fp32", "bf16"]] * 2
+    assert header.endswith("; matmul GFLOP/s (start / end): "
+                           + ", ".join(f"{p} {rates['start'][p]:,.0f} / {rates['end'][p]:,.0f}"
+                                       for p in ("fp32", "bf16")))
     assert len(data["rows"]) == len(rows) == 4
     row = data["rows"][0]
     assert row["config"] == dict(model="alt_gvt_micro", batch_size=2, img_size=32, precision="fp32",
