@@ -191,6 +191,21 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 1024,
     return 2 * size ** 3 / seconds / 1e9
 
 
+def copy_rate(device: torch.device, mib: int = 256, runs: int = 5) -> float:
+    """GB/s moved by copying a `mib` MiB fp32 tensor into another (the bytes read plus those
+    written), the median of `runs` after one untimed copy: the memory bandwidth at the moment,
+    which neighbours on a shared host take a share of without slowing the matmuls as much."""
+    src = torch.ones(mib * 2 ** 20 // 4, device=device)
+    dst = torch.empty_like(src).copy_(src)
+    seconds = statistics.median(time_call(lambda: dst.copy_(src), device)[0] for _ in range(runs))
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def machine_speed(device: torch.device, precisions: Sequence[str]) -> Dict[str, object]:
+    """`matmul_rates` and `copy_rate`, keyed as the run's environment records them."""
+    return {"matmul_gflops": matmul_rates(device, precisions), "copy_gbps": copy_rate(device)}
+
+
 def matmul_rates(device: torch.device, precisions: Sequence[str]) -> Dict[str, float]:
     """`matmul_rate` in fp32 and in each low precision asked for, keyed by precision name."""
     names = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
@@ -671,11 +686,14 @@ def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command
         header += f" at commit {env['commit']}"
     if env["env"]:
         header += ", with " + " ".join(f"{k}={v}" for k, v in env["env"].items())
-    rates = env.get("matmul_gflops")
+    rates, copies = env.get("matmul_gflops"), env.get("copy_gbps")
     if rates:  # how fast the machine multiplied, at the start of the run and at its end
         header += "; matmul GFLOP/s (start / end): " + ", ".join(
             f"{name} {rate:,.0f} / " + (f"{rates['end'][name]:,.0f}" if "end" in rates else "-")
             for name, rate in rates["start"].items())
+    if copies:  # and how fast it copied memory
+        header += f"; copy GB/s {copies['start']:,.1f} / " + (
+            f"{copies['end']:,.1f}" if "end" in copies else "-")
     stem.with_suffix(".md").write_text(header + "\n\n" + markdown_table(rows))
     return stem.with_suffix(".json")
 
@@ -767,12 +785,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
             except ValueError as error:
                 raise SystemExit(f"benchmark.py: error: {error}") from None
     env = environment(device, Path(args.output_dir))  # the code as launched
-    env["matmul_gflops"] = {"start": matmul_rates(device, args.precision)}
+    for key, value in machine_speed(device, args.precision).items():
+        env[key] = {"start": value}
     rows: List[Dict] = []
     for cfg in configs:  # results are rewritten after every row: long runs keep what they have
         rows.append(run_config_isolated(cfg, args) if args.isolate else run_config(cfg, args, device))
         path = write_results(rows, args, env, command)
-    env["matmul_gflops"]["end"] = matmul_rates(device, args.precision)
+    for key, value in machine_speed(device, args.precision).items():
+        env[key]["end"] = value
     path = write_results(rows, args, env, command)
     print("\n" + markdown_table(rows) + f"\nwrote {path} and {path.with_suffix('.md')}")
     return rows

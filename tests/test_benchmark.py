@@ -102,6 +102,14 @@ def test_matmul_rate_is_the_flops_over_the_median_time(monkeypatch):
     assert rate == pytest.approx(2 * 8 ** 3 / 0.002 / 1e9)
 
 
+def test_copy_rate_counts_the_bytes_read_and_written(monkeypatch):
+    assert benchmark.copy_rate(torch.device("cpu"), mib=8, runs=2) > 0.1  # GB/s: any machine
+    seconds = iter([0.3, 0.1, 0.2])
+    monkeypatch.setattr(benchmark, "time_call", lambda fn, device: (next(seconds), 0.0))
+    rate = benchmark.copy_rate(torch.device("cpu"), mib=1, runs=3)
+    assert rate == pytest.approx(2 * 2 ** 20 / 0.2 / 1e9)
+
+
 def test_matmul_rates_measure_fp32_and_each_precision_asked_once():
     rates = benchmark.matmul_rates(torch.device("cpu"), ["bf16", "fp32", "bf16"])
     assert list(rates) == ["fp32", "bf16"]
@@ -235,9 +243,11 @@ def test_main_writes_json_and_markdown(tmp_path):
     assert machine + (f" at commit {revision};" if revision else ";") in header
     rates = data["environment"]["matmul_gflops"]  # at the start of the run and at its end
     assert [list(rates[when]) for when in ("start", "end")] == [["fp32", "bf16"]] * 2
+    copies = data["environment"]["copy_gbps"]
     assert header.endswith("; matmul GFLOP/s (start / end): "
                            + ", ".join(f"{p} {rates['start'][p]:,.0f} / {rates['end'][p]:,.0f}"
-                                       for p in ("fp32", "bf16")))
+                                       for p in ("fp32", "bf16"))
+                           + f"; copy GB/s {copies['start']:,.1f} / {copies['end']:,.1f}")
     assert len(data["rows"]) == len(rows) == 4
     row = data["rows"][0]
     assert row["config"] == dict(model="alt_gvt_micro", batch_size=2, img_size=32, precision="fp32",
