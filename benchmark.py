@@ -186,9 +186,13 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 1024,
     implementations' steps are mostly matmuls, so a run records this beside its figures."""
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
-    torch.mm(a, b)
-    seconds = statistics.median(time_call(lambda: torch.mm(a, b), device)[0] for _ in range(runs))
-    return 2 * size ** 3 / seconds / 1e9
+    return 2 * size ** 3 / _median_seconds(lambda: torch.mm(a, b), device, runs) / 1e9
+
+
+def matmul_rates(device: torch.device, precisions: Sequence[str]) -> Dict[str, float]:
+    """`matmul_rate` in fp32 and in each low precision asked for, keyed by precision name."""
+    names = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
+    return {name: matmul_rate(device, PRECISIONS[name] or torch.float32) for name in names}
 
 
 def copy_rate(device: torch.device, mib: int = 256, runs: int = 5) -> float:
@@ -196,20 +200,20 @@ def copy_rate(device: torch.device, mib: int = 256, runs: int = 5) -> float:
     written), the median of `runs` after one untimed copy: the memory bandwidth at the moment,
     which neighbours on a shared host take a share of without slowing the matmuls as much."""
     src = torch.ones(mib * 2 ** 20 // 4, device=device)
-    dst = torch.empty_like(src).copy_(src)
-    seconds = statistics.median(time_call(lambda: dst.copy_(src), device)[0] for _ in range(runs))
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, runs)
     return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, runs: int) -> float:
+    """Median seconds of `runs` timed calls of fn, after one untimed call."""
+    fn()
+    return statistics.median(time_call(fn, device)[0] for _ in range(runs))
 
 
 def machine_speed(device: torch.device, precisions: Sequence[str]) -> Dict[str, object]:
     """`matmul_rates` and `copy_rate`, keyed as the run's environment records them."""
     return {"matmul_gflops": matmul_rates(device, precisions), "copy_gbps": copy_rate(device)}
-
-
-def matmul_rates(device: torch.device, precisions: Sequence[str]) -> Dict[str, float]:
-    """`matmul_rate` in fp32 and in each low precision asked for, keyed by precision name."""
-    names = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
-    return {name: matmul_rate(device, PRECISIONS[name] or torch.float32) for name in names}
 
 
 # ---------------------------------------------------------------------------------- models
@@ -261,10 +265,15 @@ def make_inputs(cfg: Config, device: torch.device, seed: int, num_classes: int =
     return images, targets.to(device)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """A ValueError for a precision the device cannot run (fp16 autocast off CUDA)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 is for CUDA devices only; use bf16 on the CPU")
+
+
 def make_step(model: nn.Module, cfg: Config, images: torch.Tensor, targets: torch.Tensor):
     """The timed step of `cfg` for `model` (compiled first when cfg.compile)."""
-    if cfg.precision == "fp16" and images.device.type != "cuda":
-        raise ValueError("--precision fp16 is for CUDA devices only; use bf16 on the CPU")
+    check_precision(cfg.precision, images.device)
     if cfg.compile:
         model = torch.compile(model)
     amp_dtype = PRECISIONS[cfg.precision]
@@ -671,6 +680,11 @@ def environment(device: torch.device, output_dir: Optional[Path] = None) -> Dict
     return info
 
 
+def _start_end(start: float, end: Optional[float], fmt: str) -> str:
+    """'start / end' in format `fmt`, '-' for an end not measured yet."""
+    return f"{start:{fmt}} / " + ("-" if end is None else f"{end:{fmt}}")
+
+
 def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command: str) -> Path:
     """Write logs/benchmark_<name>.json and .md; return the JSON path."""
     out_dir = Path(args.output_dir)
@@ -689,11 +703,10 @@ def write_results(rows: List[Dict], args: argparse.Namespace, env: Dict, command
     rates, copies = env.get("matmul_gflops"), env.get("copy_gbps")
     if rates:  # how fast the machine multiplied, at the start of the run and at its end
         header += "; matmul GFLOP/s (start / end): " + ", ".join(
-            f"{name} {rate:,.0f} / " + (f"{rates['end'][name]:,.0f}" if "end" in rates else "-")
+            f"{name} {_start_end(rate, rates.get('end', {}).get(name), ',.0f')}"
             for name, rate in rates["start"].items())
     if copies:  # and how fast it copied memory
-        header += f"; copy GB/s {copies['start']:,.1f} / " + (
-            f"{copies['end']:,.1f}" if "end" in copies else "-")
+        header += f"; copy GB/s {_start_end(copies['start'], copies.get('end'), ',.1f')}"
     stem.with_suffix(".md").write_text(header + "\n\n" + markdown_table(rows))
     return stem.with_suffix(".json")
 
@@ -768,10 +781,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         raise SystemExit("--retain-memory needs glibc's mallopt, which this platform lacks")
     device = torch.device(args.device)
     configs = configs_from_args(args)
-    if "fp16" in args.precision and device.type != "cuda":  # fail before any timing
-        raise SystemExit("benchmark.py: error: --precision fp16 is for CUDA devices only; "
-                         "use bf16 on the CPU")
-    try:  # fail before any timing on a bad checkpoint or image folder
+    try:  # fail before any timing on a bad precision, checkpoint or image folder
+        for precision in args.precision:
+            check_precision(precision, device)
         if args.checkpoint:
             load_weights(args.checkpoint)
         if args.images:
