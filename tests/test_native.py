@@ -167,7 +167,9 @@ def exact_attention(q, k, v):
     (3, 1, 1, 1, 8),      # one query, one key
     (2, 2, 600, 17, 16),  # several blocks of queries per head, the last one short
     (1, 1, 9, 64, 40),
-], ids=["window", "hd64", "tails", "single", "query-blocks", "64-keys"])
+    (2, 2, 21, 40, 24),   # three 16-float score vectors (five of 8)
+    (1, 3, 530, 33, 32),  # query blocks packing their head's keys once per thread
+], ids=["window", "hd64", "tails", "single", "query-blocks", "64-keys", "40-keys", "33-keys"])
 def test_attention_matches_float64(B, H, L, keys, D):
     ops = native_ops()
     q, k, v = token_major_qkv(B, H, L, keys, D)
@@ -179,10 +181,36 @@ def test_attention_matches_float64(B, H, L, keys, D):
     torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_attention_gives_nan_where_exact_softmax_does(bad):
+    """A query row with a NaN or infinite entry has a NaN output row (its scores' softmax is
+    NaN in exact arithmetic too: inf - inf), and leaves the other rows alone; a bad key entry
+    gives NaN wherever exact arithmetic does. (The fast exp clamps its input and would
+    otherwise turn NaN into numbers.)"""
+    ops = native_ops()
+    q, k, v = token_major_qkv(2, 2, 13, 49, 32)
+    q[1, 0, 5, 3] = bad
+    out = torch.empty_like(q)
+    ops.attention_(q, k, v, out)
+    nan_rows = torch.zeros(2, 2, 13, dtype=torch.bool)
+    nan_rows[1, 0, 5] = True
+    assert torch.isnan(out[nan_rows]).all()
+    torch.testing.assert_close(out[~nan_rows].double(), exact_attention(q, k, v)[~nan_rows],
+                               atol=2e-6, rtol=1e-5)
+    k[0, 1, 7, 0] = bad
+    ops.attention_(q, k, v, out)
+    want = exact_attention(q, k, v)
+    assert torch.isnan(want[0, 1]).any()
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5, equal_nan=True)
+
+
 def test_attention_rejects_what_it_does_not_handle():
     ops = native_ops()
     q, k, v = token_major_qkv(2, 2, 5, 7, 8)
     out = torch.empty_like(q)
+    many = token_major_qkv(1, 1, 3, 65, 8)
+    with pytest.raises(RuntimeError, match="handles up to 64 keys, not 65"):
+        ops.attention_(*many, torch.empty_like(many[0]))
     with pytest.raises(RuntimeError, match="4-D fp32 CPU tensors"):
         ops.attention_(q.bfloat16(), k, v, out)
     with pytest.raises(RuntimeError, match="unit stride along the last dimension"):
@@ -313,6 +341,9 @@ out = torch.empty(2, 13, 3, 32).transpose(1, 2)
 ops.attention_(q, k, v, out)
 want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5, -1) @ v.double()
 torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+q[0, 1, 4, 0] = float("nan")
+ops.attention_(q, k, v, out)
+assert torch.isnan(out[0, 1, 4]).all() and not torch.isnan(out[0, 1, 5]).any()
 print("ok")
 """
 

@@ -1002,8 +1002,9 @@ def _(x, *args) -> None:
 
 # Keys per query up to which the native kernel (`native.cpp`, attention over few keys) replaces
 # SDPA at inference: on 49 keys (every 7 x 7 window, and the sub-sampled maps at 224 pixels)
-# 1.2-1.4x as fast on SVT-S's windows, 1.0-1.1x on its 3,136-query first-stage map; level at
-# about 200 keys, slower beyond (fp32, 2 threads, batch 32, alternating micro-benchmarks).
+# its first form was 1.2-1.4x as fast on SVT-S's windows, 1.0-1.1x on its 3,136-query
+# first-stage map, level at about 200 keys and slower beyond (fp32, 2 threads, batch 32,
+# alternating micro-benchmarks); the kernel now takes at most 64.
 NATIVE_ATTENTION_KEYS = 64
 
 

@@ -157,12 +157,21 @@ void round_(const at::Tensor& self, at::ScalarType dtype) {
 
 // Attention over few keys (Twins' 7 x 7 windows, and its sub-sampled maps: 49 keys at 224
 // pixels): softmax(q k^T / sqrt(D)) v, one (image, head, block of queries) per task, every
-// operand in L1. The task packs its keys transposed, then each tile of kRows queries has its
-// row of scores, its softmax and its output computed in registers and a small buffer. PyTorch's
-// flash kernel for the CPU works in blocks sized for long sequences; on 49 keys it took 1.2-1.4x
-// as long (SVT-S's window shapes, fp32, 2 threads). It is faster from about 200 keys on.
-constexpr int kRows = 4;
+// operand in L1. The task packs its keys transposed; then each tile of kRows queries has its
+// scores computed, its softmax taken, and its output formed from the probabilities in a small
+// buffer. With AVX-512's 32 vector registers the scores of a tile stay in registers from the
+// product through the softmax (up to 64 keys: 4 x 4 vectors); with AVX2's 16 they are stored a
+// few vectors at a time and the softmax reads them back. The exp is ATen's exp_u20, the one
+// PyTorch's own CPU flash attention takes.
+// PyTorch's flash kernel works in blocks sized for long sequences; on 49 keys it took 1.2-1.4x
+// as long as this kernel's first form (SVT-S's window shapes, fp32, 2 threads), which stored
+// the scores with AVX-512 too and used Sleef's 1-ulp exp; that form took 1.08-1.38x as long as
+// this one on SVT-S's and PCPVT-S's shapes with AVX-512, 1.00-1.12x with AVX2 (the exp alone).
+// Up to kMaxKeys keys.
+constexpr int64_t kMaxKeys = 64;
 constexpr int64_t kQueryBlock = 256;  // queries per task at most
+constexpr int kRows = 4;              // queries per tile
+constexpr bool kScoresInRegisters = Vec::size() == 16;
 
 // acc[r][0 .. NV * Vec::size()) = sum_{t < n} a_r[t] b[t * ldb + 0 ..] for the kRows rows a_r:
 // the register tile of both products, scores (a = queries, b = packed keys) and output
@@ -182,7 +191,7 @@ inline void tile_product(const float* const* a, const float* b, int64_t ldb, int
   }
 }
 
-// s[r][j .. j + NV * Vec::size()) = q_r . kt[:, j ..] over the D channels.
+// s[r][j .. j + NV * Vec::size()) = q_r . kt[:, j ..] over the D channels (stored scores).
 template <int NV>
 inline void score_tile(const float* const* q, const float* kt, int64_t D, int64_t ldk,
                        float* s, int64_t lds) {
@@ -204,6 +213,59 @@ inline void output_tile(const float* p, int64_t lds, const float* v, int64_t ldv
     for (int c = 0; c < NV; ++c) (acc[r][c] * Vec(inv[r])).store(o[r] + c * Vec::size());
 }
 
+// The softmax of a row of scores, left unnormalised: p = exp((x - max) * scale), by ATen's
+// exp_u20 (the exp of PyTorch's own CPU flash attention), and 1 / sum p. A row whose largest
+// score is not finite (a NaN or infinite input) gives NaN, as exact arithmetic does.
+inline Vec probabilities(const Vec& x, const Vec& max, const Vec& scale) {
+  return ((x - max) * scale).exp_u20();
+}
+
+inline float reduce_max(const Vec& x) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x);
+}
+
+inline float inverse_sum(float max, const Vec& sum) {
+  return std::isfinite(max)
+             ? 1.f / at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum)
+             : std::numeric_limits<float>::quiet_NaN();
+}
+
+// The softmax of a row of NV score vectors in registers (the padding past the keys already
+// -inf): the probabilities stored to p; returns 1 / their sum.
+template <int NV>
+inline float softmax_in_registers(const Vec (&x)[NV], const Vec& scale, float* p) {
+  Vec vmax = x[0];
+#pragma GCC unroll 8
+  for (int c = 1; c < NV; ++c) vmax = at::vec::maximum(vmax, x[c]);
+  const float m = reduce_max(vmax);
+  const Vec mv(m);
+  Vec vsum(0.f);
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) {
+    const Vec e = probabilities(x[c], mv, scale);
+    e.store(p + c * Vec::size());
+    vsum = vsum + e;
+  }
+  return inverse_sum(m, vsum);
+}
+
+// The same for a stored row of `ldt` floats, `keys` of them scores, in place.
+inline float softmax_stored(float* row, int64_t ldt, int64_t keys, const Vec& scale) {
+  constexpr int64_t W = Vec::size();
+  std::fill(row + keys, row + ldt, -std::numeric_limits<float>::infinity());
+  Vec vmax = Vec::loadu(row);
+  for (int64_t c = W; c < ldt; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
+  const float m = reduce_max(vmax);
+  const Vec mv(m);
+  Vec vsum(0.f);
+  for (int64_t c = 0; c < ldt; c += W) {
+    const Vec e = probabilities(Vec::loadu(row + c), mv, scale);
+    e.store(row + c);
+    vsum = vsum + e;
+  }
+  return inverse_sum(m, vsum);
+}
+
 // Ask for `count` rows of D floats, `ld` apart, to be brought into cache: the rows of q, k and v
 // are one head's slice of each token's channels, strided, and the tiles waited on them (a
 // backward kernel of the same design, tried and removed, went from 0.9-1.3x PyTorch's speed to
@@ -213,13 +275,9 @@ inline void prefetch_rows(const float* p, int64_t ld, int64_t count, int64_t D) 
     for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(p + i * ld + d);
 }
 
-// One task: q (L, D), k and v (keys, D), out (L, D), rows `ldq`, `ldk`, `ldv`, `ldo`
-// apart; kt (D, ldt) and s (kRows, ldt) are scratch, ldt = keys rounded up to whole vectors.
-void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
-            int64_t ldv, float* out, int64_t ldo, int64_t L, int64_t keys, int64_t D,
-            int64_t ldt, float scale, float* kt, float* s) {
-  constexpr int64_t W = Vec::size();
-  // kt = k^T, in 8 x 8 blocks, with the padding columns zero.
+// kt (D, ldt) = k^T for k (keys, D), rows `ldk` apart, in 8 x 8 blocks; the columns past
+// `keys` are zero.
+void pack_keys(const float* k, int64_t ldk, int64_t keys, int64_t D, int64_t ldt, float* kt) {
   const int64_t keys8 = keys / 8 * 8, D8 = D / 8 * 8;
   for (int64_t j = 0; j < keys8; j += 8)
     for (int64_t d = 0; d < D8; d += 8)
@@ -229,61 +287,120 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
     for (int64_t j = d < D8 ? keys8 : 0; j < keys; ++j) row[j] = k[j * ldk + d];
     std::fill(row + keys, row + ldt, 0.f);
   }
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+}
+
+// The tile of queries from i0 of a task's q (L, D), rows `ldq` apart, and its output rows in
+// out (`ldo` apart): a short last tile repeats its last row (the same scores and output,
+// written twice). Prefetches the queries two tiles on; returns the number of real rows.
+inline int tile_at(const float* q, int64_t ldq, float* out, int64_t ldo, int64_t L, int64_t D,
+                   int64_t i0, const float* (&qr)[kRows], float* (&orow)[kRows]) {
+  const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
+  const int64_t ahead = i0 + 2 * kRows;
+  if (ahead < L) prefetch_rows(q + ahead * ldq, ldq, std::min<int64_t>(kRows, L - ahead), D);
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + std::min(r, rows - 1);
+    qr[r] = q + i * ldq;
+    orow[r] = out + i * ldo;
+  }
+  return rows;
+}
+
+// The output rows of a tile: inv_r * the probabilities in the rows of s (ldt apart) times v
+// (keys, D; rows `ldv` apart).
+inline void tile_output(const float* s, int64_t ldt, const float* v, int64_t ldv, int64_t keys,
+                        int64_t D, const float* inv, float* const (&orow)[kRows], int rows) {
+  constexpr int64_t W = Vec::size();
+  float* o[kRows];  // the output rows from channel d on
+  const auto from = [&](int64_t d) {
+    for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
+    return o;
+  };
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) output_tile<2>(s, ldt, v + d, ldv, keys, inv, from(d));
+  if (d + W <= D) {
+    output_tile<1>(s, ldt, v + d, ldv, keys, inv, from(d));
+    d += W;
+  }
+  for (; d < D; ++d) {  // channels past the last whole vector
+    for (int r = 0; r < rows; ++r) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < keys; ++j) acc += s[r * ldt + j] * v[j * ldv + d];
+      orow[r][d] = acc * inv[r];
+    }
+  }
+}
+
+// One task's queries q (L, D) attended into out (L, D), rows `ldq`, `ldo` apart, over the keys
+// packed in kt (D, ldt) and the values v (keys, D), rows `ldv` apart; s (kRows, ldt) is
+// scratch for the probabilities. The scores of a tile in registers: NV = ldt / Vec::size() of
+// them per query (AVX-512). Inlined into `attend`: called across a function boundary it took
+// 1.1x as long on 7 x 7 windows.
+template <int NV>
+__attribute__((always_inline)) inline void attend_in_registers(
+    const float* q, int64_t ldq, const float* v, int64_t ldv, float* out, int64_t ldo, int64_t L,
+    int64_t keys, int64_t D, const Vec& scale, const float* kt, float* s) {
+  constexpr int64_t ldt = NV * Vec::size();
+  // Added to the last score vector: 0 for the keys, -inf for the padding past them.
+  const Vec tail = Vec::set(Vec(-std::numeric_limits<float>::infinity()), Vec(0.f),
+                            keys - (NV - 1) * Vec::size());
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
-    const int64_t ahead = i0 + 2 * kRows;  // the queries two tiles on
-    if (ahead < L) prefetch_rows(q + ahead * ldq, ldq, std::min<int64_t>(kRows, L - ahead), D);
     const float* qr[kRows];
     float* orow[kRows];
-    // A short last tile repeats its last row: the same scores and output, written twice.
+    const int rows = tile_at(q, ldq, out, ldo, L, D, i0, qr, orow);
+    Vec scores[kRows][NV];
+    tile_product<NV>(qr, kt, ldt, D, scores);
+    float inv[kRows];
+    // Unrolled, so that the scores never leave the registers.
+#pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const int64_t i = i0 + std::min(r, rows - 1);
-      qr[r] = q + i * ldq;
-      orow[r] = out + i * ldo;
+      scores[r][NV - 1] = scores[r][NV - 1] + tail;
+      inv[r] = softmax_in_registers<NV>(scores[r], scale, s + r * ldt);
     }
-    // The score columns in tiles of 3 vectors, the last 4 (if so many remain) in two of 2.
+    tile_output(s, ldt, v, ldv, keys, D, inv, orow, rows);
+  }
+}
+
+// The same with the scores stored, in tiles of 3 vectors (the last 4, if so many remain, in two
+// of 2): 12 accumulators, for AVX2's 16 registers.
+void attend_stored(const float* q, int64_t ldq, const float* v, int64_t ldv, float* out,
+                   int64_t ldo, int64_t L, int64_t keys, int64_t D, int64_t ldt,
+                   const Vec& scale, const float* kt, float* s) {
+  constexpr int64_t W = Vec::size();
+  for (int64_t i0 = 0; i0 < L; i0 += kRows) {
+    const float* qr[kRows];
+    float* orow[kRows];
+    const int rows = tile_at(q, ldq, out, ldo, L, D, i0, qr, orow);
     int64_t j = 0;
     for (; ldt - j >= 3 * W && ldt - j != 4 * W; j += 3 * W)
       score_tile<3>(qr, kt + j, D, ldt, s + j, ldt);
     for (; ldt - j >= 2 * W; j += 2 * W) score_tile<2>(qr, kt + j, D, ldt, s + j, ldt);
     if (j < ldt) score_tile<1>(qr, kt + j, D, ldt, s + j, ldt);
-    // Softmax of each row, left unnormalised: p = exp((s - max) * scale), inv = 1 / sum p.
     float inv[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      float* row = s + r * ldt;
-      std::fill(row + keys, row + ldt, neg_inf);
-      Vec vmax(neg_inf);
-      for (int64_t c = 0; c < ldt; c += W) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-      const float m = at::vec::vec_reduce_all<float>(
-          [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
-      const Vec mv(m), sv(scale);
-      Vec vsum(0.f);
-      for (int64_t c = 0; c < ldt; c += W) {
-        const Vec e = ((Vec::loadu(row + c) - mv) * sv).exp();
-        e.store(row + c);
-        vsum = vsum + e;
-      }
-      inv[r] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
+    for (int r = 0; r < kRows; ++r) inv[r] = softmax_stored(s + r * ldt, ldt, keys, scale);
+    tile_output(s, ldt, v, ldv, keys, D, inv, orow, rows);
+  }
+}
+
+// One task: q (L, D), k and v (keys, D), out (L, D), rows `ldq`, `ldk`, `ldv`, `ldo` apart,
+// keys <= kMaxKeys. Packs the keys into kt (D, ldt = the keys rounded up to whole vectors)
+// unless `packed` (the same head's keys, packed by this thread's previous task); s (kRows,
+// ldt) is scratch for the probabilities.
+void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+            int64_t ldv, float* out, int64_t ldo, int64_t L, int64_t keys, int64_t D,
+            int64_t ldt, float scale, bool packed, float* kt, float* s) {
+  if (!packed) pack_keys(k, ldk, keys, D, ldt, kt);
+  const Vec sv(scale);
+  static_assert(!kScoresInRegisters || kMaxKeys <= 4 * Vec::size(),
+                "up to 4 score vectors per query in registers");
+  if constexpr (kScoresInRegisters) {
+    switch (ldt / Vec::size()) {
+      case 1: return attend_in_registers<1>(q, ldq, v, ldv, out, ldo, L, keys, D, sv, kt, s);
+      case 2: return attend_in_registers<2>(q, ldq, v, ldv, out, ldo, L, keys, D, sv, kt, s);
+      case 3: return attend_in_registers<3>(q, ldq, v, ldv, out, ldo, L, keys, D, sv, kt, s);
+      default: return attend_in_registers<4>(q, ldq, v, ldv, out, ldo, L, keys, D, sv, kt, s);
     }
-    float* o[kRows];  // the output rows from channel d on
-    const auto from = [&](int64_t d) {
-      for (int r = 0; r < kRows; ++r) o[r] = orow[r] + d;
-      return o;
-    };
-    int64_t d = 0;
-    for (; d + 2 * W <= D; d += 2 * W) output_tile<2>(s, ldt, v + d, ldv, keys, inv, from(d));
-    if (d + W <= D) {
-      output_tile<1>(s, ldt, v + d, ldv, keys, inv, from(d));
-      d += W;
-    }
-    for (; d < D; ++d) {  // channels past the last whole vector
-      for (int r = 0; r < rows; ++r) {
-        float acc = 0.f;
-        for (int64_t jj = 0; jj < keys; ++jj) acc += s[r * ldt + jj] * v[jj * ldv + d];
-        orow[r][d] = acc * inv[r];
-      }
-    }
+  } else {
+    attend_stored(q, ldq, v, ldv, out, ldo, L, keys, D, ldt, sv, kt, s);
   }
 }
 
@@ -310,12 +427,13 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D &&
                   out.sizes() == q.sizes() && keys > 0,
               name, ": q, out (B, H, L, D) and k, v (B, H, keys, D) do not match");
+  TORCH_CHECK(keys <= kMaxKeys, name, " handles up to ", kMaxKeys, " keys, not ", keys);
   const int64_t W = Vec::size();
   const int64_t ldt = (keys + W - 1) / W * W;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const Heads Q(q), K(k), V(v), O(out);
   // Tasks: an (image, head) and a block of its queries, so that a few long maps still give
-  // every thread work. Each task packs its keys afresh: at most kQueryBlock queries share it.
+  // every thread work. A thread packs a head's keys at the first of its tasks for that head.
   const int64_t blocks = (L + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> kt(static_cast<size_t>(D * ldt)), s(static_cast<size_t>(kRows * ldt));
@@ -328,8 +446,8 @@ void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         prefetch_rows(V.rows(nb, nh), V.ld, keys, D);
       }
       attend(Q.rows(b, h) + i0 * Q.ld, Q.ld, K.rows(b, h), K.ld, V.rows(b, h), V.ld,
-             O.rows(b, h) + i0 * O.ld, O.ld, rows,
-             keys, D, ldt, scale, kt.data(), s.data());
+             O.rows(b, h) + i0 * O.ld, O.ld, rows, keys, D, ldt, scale,
+             /*packed=*/i0 > 0 && task > first, kt.data(), s.data());
     }
   });
 }
