@@ -969,14 +969,20 @@ def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str,
     if (not enabled(x) or torch.is_grad_enabled() or x.dtype != torch.float32
             or not x.is_contiguous()):
         return _round_(norm(x), rounding)
-    lead = x.shape[:-1]
+    out = scratch(slot, x.numel() // x.shape[-1], x.shape[-1], x).view(x.shape)
+    return _round_(layer_norm_into(x, norm, out), rounding)
+
+
+def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` written into `out` (no gradient): x fp32 and contiguous, out of its shape and
+    dtype, contiguous. The mean and 1/std go to a scratch buffer."""
     rows = x.numel() // x.shape[-1]
-    out = scratch(slot, rows, x.shape[-1], x).view(x.shape)
-    stats = scratch(slot + ".stats", 2, rows, x)
+    stats = scratch("layer_norm.stats", 2, rows, x)
+    lead = x.shape[:-1]
     torch.ops.aten.native_layer_norm.out(x, norm.normalized_shape, norm.weight, norm.bias,
                                          norm.eps, out0=out, out1=stats[0].view(*lead, 1),
                                          out2=stats[1].view(*lead, 1))
-    return _round_(out, rounding)
+    return out
 
 
 @torch.library.custom_op("twins::mlp_residual_", mutates_args=("x",))

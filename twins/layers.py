@@ -112,9 +112,18 @@ class PatchEmbed(nn.Module):
             b, c, h, w = image.shape
             # The channels-last copy goes to a reused buffer, viewed as a channels-last map.
             buf = kernels.scratch("patch_embed.image", b, h * w * c, image)
-            y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image))
-            out = y.new_empty(B, *y.shape[1:]) if out is None else out
-            out[b0:b1] = y
+            feat = conv2d(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image), self.proj)
+            size = (feat.shape[2], feat.shape[3])
+            if feat.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+                # fp32: the LayerNorm writes straight into the result (no copy of each chunk);
+                # the channels-last map's tokens are a contiguous view.
+                feat = map_to_tokens(feat)
+                out = feat.new_empty(B, *feat.shape[1:]) if out is None else out
+                kernels.layer_norm_into(feat, self.norm, out[b0:b1])
+            else:
+                y = self._norm(feat)
+                out = y.new_empty(B, *y.shape[1:]) if out is None else out
+                out[b0:b1] = y
         return out, size
 
 
