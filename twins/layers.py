@@ -9,7 +9,7 @@ The CPU fast paths they call (`kernels.linear`, `kernels.mlp`, `kernels.conv2d`)
 `kernels.py`. Attribute names (`proj`, `norm`, `fc1`, `fc2`, `proj.0`) follow the official
 checkpoints.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,9 +89,14 @@ class PatchEmbed(nn.Module):
             return self._forward_by_images(x)  # the copy chunk by chunk, into a reused buffer
         return self._embed(x.contiguous(memory_format=torch.channels_last))
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
+    def _embed(self, x: torch.Tensor, out: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Size]:
+        """Convolution and LayerNorm; with `out` (fp32 inference) the LayerNorm writes into it,
+        the channels-last map's tokens being a contiguous view."""
         x = conv2d(x, self.proj)
         size = (x.shape[2], x.shape[3])
+        if out is not None:
+            return kernels.layer_norm_into(map_to_tokens(x), self.norm, out), size
         return self._norm(x), size
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,23 +110,19 @@ class PatchEmbed(nn.Module):
         operations on each image: the same values, up to the summation order oneDNN picks for
         the convolution at another batch size."""
         B, p = x.shape[0], self.patch_size
-        tokens = max(1, (x.shape[2] // p) * (x.shape[3] // p))  # per image
-        out, size = None, None
-        for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // tokens)):
+        tokens = (x.shape[2] // p) * (x.shape[3] // p)  # per image
+        # fp32: the LayerNorm writes each chunk straight into the result (no copy of it).
+        direct = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        out = x.new_empty(B, tokens, self.proj.out_channels) if direct else None
+        size = None
+        for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // max(1, tokens))):
             image = x[b0:b1]
             b, c, h, w = image.shape
             # The channels-last copy goes to a reused buffer, viewed as a channels-last map.
             buf = kernels.scratch("patch_embed.image", b, h * w * c, image)
-            feat = conv2d(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image), self.proj)
-            size = (feat.shape[2], feat.shape[3])
-            if feat.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-                # fp32: the LayerNorm writes straight into the result (no copy of each chunk);
-                # the channels-last map's tokens are a contiguous view.
-                feat = map_to_tokens(feat)
-                out = feat.new_empty(B, *feat.shape[1:]) if out is None else out
-                kernels.layer_norm_into(feat, self.norm, out[b0:b1])
-            else:
-                y = self._norm(feat)
+            y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image),
+                                  out[b0:b1] if direct else None)
+            if not direct:
                 out = y.new_empty(B, *y.shape[1:]) if out is None else out
                 out[b0:b1] = y
         return out, size
