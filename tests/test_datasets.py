@@ -1,6 +1,5 @@
 """Tests for datasets.py and tools/prepare_digits.py on small data written to tmp_path."""
 import argparse
-import importlib.util
 import json
 import re
 import subprocess
@@ -17,6 +16,8 @@ from torchvision import transforms
 
 from datasets import (CorruptImageError, DatasetError, DatasetNotFoundError, INatDataset,
                       build_dataset, build_transform, load_rgb)
+
+from conftest import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,7 @@ def make_image_folder(root, classes=('cat', 'dog', 'emu'), per_class=2):
 
 
 def load_prepare_digits():
-    spec = importlib.util.spec_from_file_location('prepare_digits', REPO / 'tools' / 'prepare_digits.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module('tools/prepare_digits.py')
 
 
 def test_image_folder_counts_classes_and_labels(tmp_path):

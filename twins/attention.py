@@ -103,6 +103,8 @@ class LocallyGroupedAttention(nn.Module):
             out = kernels.window_attention(qkv.to(kernels.compute_dtype(x)), ws * ws, heads)
             out = linear(out.to(qkv.dtype), self.proj)
             return self.proj_drop(kernels.from_windows(out, size, ws))
+        if not (isinstance(H, int) and isinstance(W, int)):
+            return self._forward_symbolic(x, size)  # exporting with dynamic sizes
         # The Linear runs on the contiguous tokens; padding happens after it, on q/k/v.
         qkv = linear(x, self.qkv).view(B, H, W, 3 * C)
         if pad_h or pad_w:
@@ -124,6 +126,45 @@ class LocallyGroupedAttention(nn.Module):
         else:
             out = out.view(B, N, C)
         return self.proj_drop(linear(out, self.proj))
+
+    def _forward_symbolic(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """`forward` for symbolic H, W: torch.export or ONNX export with dynamic sizes.
+
+        One graph must serve every size, so nothing may depend on the sizes' values, nor on
+        whether the window grid is a single window: `view` on a symbolic size and
+        broadcasting over one ask exactly that. So the image and window indices are
+        computed on flat 1-D ranges, and the tokens are gathered into window order (a padded
+        position takes its image's first token, and is masked as a key) and gathered back
+        from the windows' output; every view merges or splits static sizes only.
+        """
+        B, N, C = x.shape
+        H, W = size
+        ws, heads, hd = self.window_size, self.num_heads, self.head_dim
+        hg, wg = (H + ws - 1) // ws, (W + ws - 1) // ws  # windows per column and per row
+        L = ws * ws  # tokens per window
+        ML = hg * wg * L  # window positions per image
+        # Position g of the windows: image b, window n (row-major over the grid), place p in
+        # it; token row r and column c.
+        g = torch.arange(B * ML, device=x.device)
+        b = torch.div(g, ML, rounding_mode="floor")
+        n, p = (g - b * ML) // L, g % L
+        i = torch.div(n, wg, rounding_mode="floor")
+        r, c = i * ws + p // ws, (n - i * wg) * ws + p % ws
+        real = (r < H) & (c < W)
+        token = b * N + torch.where(real, r * W + c, 0)
+        # (B*windows*L, 3C) -> (3, B*windows, heads, L, hd)
+        qkv = linear(x, self.qkv).view(B * N, 3 * C)[token]
+        q, k, v = qkv.view(-1, L, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = real.view(-1, L)[:, None, None, :]
+        out = attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(-1, C)
+        # Token t of image b is at position b*ML + (window, place in it) of the output.
+        t = torch.arange(B * N, device=x.device)
+        b = torch.div(t, N, rounding_mode="floor")
+        h = torch.div(t - b * N, W, rounding_mode="floor")
+        w = t - b * N - h * W
+        place = b * ML + ((h // ws) * wg + w // ws) * L + (h % ws) * ws + w % ws
+        return self.proj_drop(linear(out[place].view(B, N, C), self.proj))
 
     def forward_residual(self, x: torch.Tensor, size: Size, norm: nn.LayerNorm) -> torch.Tensor:
         """x + self(norm(x), size) at CPU inference (`kernels.inference_applies`), chunked in
