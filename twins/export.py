@@ -30,6 +30,7 @@ class Pyramid(nn.Module):
         super().__init__()
         self.model = model
         self.out_indices = tuple(out_indices)
+        self.in_chans = model.in_chans
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.model.forward_pyramid(x, self.out_indices)
@@ -44,8 +45,8 @@ def _example(model: nn.Module, img_size: Tuple[int, int], min_size: int, max_siz
         raise ValueError(f"the example size {img_size[0]}x{img_size[1]} must lie within "
                          f"{min_size}..{max_size}")
     param = next(model.parameters())
-    in_chans = getattr(model, "in_chans", None) or model.model.in_chans
-    return torch.randn(_TRACE_BATCH, in_chans, *img_size, device=param.device, dtype=param.dtype)
+    return torch.randn(_TRACE_BATCH, model.in_chans, *img_size, device=param.device,
+                       dtype=param.dtype)
 
 
 def export_program(model: nn.Module, img_size: Tuple[int, int] = (224, 224), *,
@@ -65,7 +66,7 @@ def export_program(model: nn.Module, img_size: Tuple[int, int] = (224, 224), *,
     dims = {0: Dim("batch", min=1, max=max_batch), 2: Dim("height", min=min_size, max=max_size),
             3: Dim("width", min=min_size, max=max_size)}
     with torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes={"x": dims})
+        return torch.export.export(model, (example,), dynamic_shapes=(dims,))
 
 
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike],
