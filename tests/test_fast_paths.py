@@ -331,7 +331,8 @@ def test_block_inference_leaves_its_input_untouched(kind, precision, chunk_rows)
     assert torch.equal(x, before)
 
 
-def test_layer_norm_scratch_equals_layer_norm_and_reuses_its_buffer():
+def test_layer_norm_scratch_equals_layer_norm_and_reuses_its_buffer(chunk_rows):
+    """Bit-identical to F.layer_norm, also a few rows at a time (chunks-of-5: 12 chunks)."""
     norm = torch.nn.LayerNorm(12)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
@@ -369,6 +370,44 @@ def test_positional_encoding_generator(precision):
     m = PositionalEncodingGenerator(8).eval()
     x = torch.randn(2, 5 * 7, 8)
     assert_matches(run(m, precision, x, (5, 7)), run(reference_peg, precision, m, x, (5, 7)), precision)
+
+
+def test_positional_encoding_generator_at_inference_by_images(chunk_rows):
+    """fp32 inference convolves a few images at a time (one at a time with the tiny chunks)
+    into a pooled result: the plain computation's values, x left untouched."""
+    m = PositionalEncodingGenerator(8).eval()
+    x = torch.randn(3, 5 * 7, 8)
+    x_before = x.clone()
+    with torch.inference_mode():
+        assert kernels.peg_inference_applies(x)
+        out = m(x, (5, 7))
+    assert_matches(out, reference_peg(m, x, (5, 7)), "fp32")
+    assert torch.equal(x, x_before)
+
+
+def test_inference_outputs_come_from_the_pool_from_the_second_pass():
+    """Eager fp32 inference writes the residual branches', PEG's and patch embedding's
+    outputs into pooled storages: the first pass sizes the pool (and releases what it cannot
+    know yet is needed again), every later pass reuses it without a new storage, and the
+    logits are those of fresh allocations."""
+    model = twins.create_model("alt_gvt_micro", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def passes():
+        out, storages = [], []
+        with torch.inference_mode():
+            for _ in range(4):
+                out.append(model(x))
+                storages.append({s.data_ptr() for v in kernels._REUSABLE.storages.values()
+                                 for s in v})
+            with kernels.allocate_plainly():
+                out.append(model(x))
+        return out, storages
+
+    out, storages = in_fresh_thread(passes)
+    assert storages[1] and storages[1] == storages[2] == storages[3]
+    for o in out[1:]:
+        assert torch.equal(o, out[0])
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -198,7 +198,8 @@ def reusable_empty(shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[t
                    reuse: Optional[bool] = None) -> torch.Tensor:
     """`like.new_empty(shape, dtype=dtype)`, in memory that is already paged in when it can
     be: for the full-size tensors the training kernels allocate every step (their outputs,
-    the activations they save, the input gradients of their backward).
+    the activations they save, the input gradients of their backward), and the outputs of
+    the inference residual branches, patch embedding and PEG.
 
     A caching allocator for these tensors, as CUDA's is for every tensor. Each storage stays
     in a per-thread pool and is handed out again only when the pool's reference is the last
@@ -229,13 +230,28 @@ def reusable_empty(shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[t
 def _release_stale(pool: _Reusable) -> None:
     """Release the free storages of sizes not asked for within the last two periods: the
     sizes of an earlier input size. (At one input size, every size is asked for once per
-    training step or more often, and no storage is ever released.)"""
-    for key in [k for k, call in pool.last_call.items() if pool.calls - call > 2 * pool.period]:
-        busy = [s for s in pool.storages[key] if _storage_use_count(s._cdata) > 1]
+    step or more often, and once the period is known no storage is released.)
+
+    A released size keeps its last call, so that asking for it again measures the period:
+    at inference nothing stays busy, and the first pass releases each size before it is asked
+    for again. Only beyond `_MAX_SIZES` sizes are the oldest released ones forgotten.
+    """
+    for key, call in list(pool.last_call.items()):
+        if pool.calls - call <= 2 * pool.period:
+            continue
+        busy = [s for s in pool.storages.get(key, ()) if _storage_use_count(s._cdata) > 1]
         if busy:
             pool.storages[key] = busy
         else:
-            del pool.storages[key], pool.last_call[key]
+            pool.storages.pop(key, None)
+    if len(pool.last_call) > _MAX_SIZES:
+        released = sorted((k for k in pool.last_call if k not in pool.storages),
+                          key=pool.last_call.get)
+        for key in released[:len(pool.last_call) - _MAX_SIZES // 2]:
+            del pool.last_call[key]
+
+
+_MAX_SIZES = 1024  # sizes whose last call `_release_stale` keeps
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -975,13 +991,23 @@ def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str,
 
 def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> torch.Tensor:
     """`norm(x)` written into `out` (no gradient): x fp32 and contiguous, out of its shape and
-    dtype, contiguous. The mean and 1/std go to a scratch buffer."""
-    rows = x.numel() // x.shape[-1]
-    stats = scratch("layer_norm.stats", 2, rows, x)
-    lead = x.shape[:-1]
-    torch.ops.aten.native_layer_norm.out(x, norm.normalized_shape, norm.weight, norm.bias,
-                                         norm.eps, out0=out, out1=stats[0].view(*lead, 1),
-                                         out2=stats[1].view(*lead, 1))
+    dtype, contiguous.
+
+    A chunk of rows at a time: `native_layer_norm.out` computes into a temporary of its
+    output's size and copies that into `out`, which for a whole first-stage map would be
+    freshly mapped and page-faulted every call (37 MiB for SVT-B at batch 32). The rows are
+    normalised independently, so the values are those of one call on all of them.
+    """
+    C = x.shape[-1]
+    rows = x.numel() // C
+    x2d, out2d = x.view(rows, C), out.view(rows, C)
+    step = min(rows, CHUNK_ROWS)
+    stats = scratch("layer_norm.stats", 2, step, x)
+    for s, e in chunks(rows, step):
+        torch.ops.aten.native_layer_norm.out(x2d[s:e], norm.normalized_shape, norm.weight,
+                                             norm.bias, norm.eps, out0=out2d[s:e],
+                                             out1=stats[0, :e - s, None],
+                                             out2=stats[1, :e - s, None])
     return out
 
 
@@ -1051,7 +1077,7 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
     band, wg, L = ws * width, width // ws, ws * ws  # tokens per band, windows per band, per window
     # (B, N, C) -> (bands, row in window, window, column in window, C), token order.
     bands = x.contiguous().view(B * (height // ws), ws, wg, ws, C)
-    out = torch.empty_like(bands)
+    out = reusable_empty(bands.shape, bands)
     per_chunk = max(1, CHUNK_ROWS // band)
     rows = min(per_chunk, bands.shape[0]) * band
     win_buf = scratch("attn.windows", rows, C, w_qkv)
@@ -1089,7 +1115,7 @@ def global_attention_residual(x: torch.Tensor, normed: torch.Tensor, k: torch.Te
     """
     B, N, C = x.shape
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = reusable_empty(x.shape, x)
     with torch.autocast("cpu", enabled=False):
         for b0, b1, t0, t1, q in query_chunks(normed, w_q, b_q, k.shape[1], rounding):
             n, t = b1 - b0, t1 - t0
@@ -1205,6 +1231,26 @@ def peg(x: torch.Tensor, size: Tuple[int, int], conv: nn.Conv2d) -> torch.Tensor
     weight, bias = operands(x, conv.weight, conv.bias)
     with torch.autocast("cpu", enabled=False):
         return peg_train(x.contiguous(), weight, bias, size[0], size[1])
+
+
+def peg_inference_applies(x: torch.Tensor) -> bool:
+    """Whether `peg_inference` takes x: eager fp32 CPU inference (not under autocast)."""
+    return (not torch.is_grad_enabled() and enabled(x) and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def peg_inference(x: torch.Tensor, size: Tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
+    """x + conv(x) on the token map at inference, a few images at a time: the convolution's
+    output stays chunk-sized and the sum goes to a pooled result (`reusable_empty`), where the
+    whole batch's output was freshly mapped and page-faulted every call (37 MiB for SVT-B's
+    first stage at batch 32). Shapes: (B, H * W, C) -> (B, H * W, C)."""
+    x = x.contiguous()
+    B, N, C = x.shape
+    out = reusable_empty(x.shape, x)
+    for b0, b1 in chunks(B, max(1, CHUNK_ROWS // N)):
+        feat = tokens_to_map(x[b0:b1], size)
+        torch.add(conv(feat), feat, out=tokens_to_map(out[b0:b1], size))
+    return out
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

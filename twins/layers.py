@@ -113,7 +113,7 @@ class PatchEmbed(nn.Module):
         tokens = (x.shape[2] // p) * (x.shape[3] // p)  # per image
         # fp32: the LayerNorm writes each chunk straight into the result (no copy of it).
         direct = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        out = x.new_empty(B, tokens, self.proj.out_channels) if direct else None
+        out = kernels.reusable_empty((B, tokens, self.proj.out_channels), x) if direct else None
         size = None
         for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // max(1, tokens))):
             image = x[b0:b1]
@@ -123,7 +123,7 @@ class PatchEmbed(nn.Module):
             y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image),
                                   out[b0:b1] if direct else None)
             if not direct:
-                out = y.new_empty(B, *y.shape[1:]) if out is None else out
+                out = kernels.reusable_empty((B,) + y.shape[1:], y) if out is None else out
                 out[b0:b1] = y
         return out, size
 
@@ -149,6 +149,8 @@ class PositionalEncodingGenerator(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         if kernels.peg_applies(x, self.proj[0]):
             return kernels.peg(x, size, self.proj[0])  # CPU training
+        if kernels.peg_inference_applies(x):
+            return kernels.peg_inference(x, size, self.proj[0])
         feat = tokens_to_map(x, size)
         out = conv2d(feat, self.proj[0])
         # The convolution's output is fresh and not needed by its backward: add in place.
