@@ -376,7 +376,8 @@ def test_run_config_times_only_the_implementations_asked(monkeypatch):
 
 @pytest.mark.parametrize("compare, names, measured", [
     ("attention", ["flash", "native"], ["attention ops"]),
-    ("emulated-bf16", ["plain", "branches"], ["all ops", "kernels"])])
+    ("emulated-bf16", ["plain", "branches"], ["all ops", "kernels"]),
+    ("pool", ["fresh", "pooled"], ["all ops", "kernels"])])
 def test_inference_ab_tool_times_both_settings(compare, names, measured):
     """tools/inference_ab.py: each setting's steps, their ratio, and (profiled) the time in the
     operators it reports, which both settings run (7 x 7 windows: 56 pixels, stride 4 and 8)."""
@@ -386,7 +387,7 @@ def test_inference_ab_tool_times_both_settings(compare, names, measured):
                           "--batch-size", "2", "--rounds", "2", "--profile"],
                          check=True, text=True, capture_output=True, timeout=300).stdout
     lines = [line for line in out.splitlines() if not line.startswith("native kernels ")]
-    precision = "fp32" if compare == "attention" else "bf16 (emulated)"
+    precision = "bf16 (emulated)" if compare == "emulated-bf16" else "fp32"
     assert lines[0].startswith(f"alt_gvt_micro inference {precision}, batch 2, 56px, "
                                "2 alternating rounds")
     for name, line in zip(names, lines[1:3]):

@@ -6,6 +6,9 @@
 --compare emulated-bf16: bf16 autocast computed in fp32 on bf16-rounded operands, as on CPUs
 without bf16 instructions (forced here on any CPU): the plain modules ("plain") against the
 chunked residual branches ("branches", the default setting).
+--compare pool (fp32): the full-size outputs of the residual branches, PEGs and patch
+embeddings allocated afresh ("fresh") against taken from the pool of reusable storages
+(`kernels.reusable_empty`; "pooled", the default setting).
 
 The order swaps every round and each timed step follows an untimed one of the same setting.
 Prints each setting's median img/s and fresh memory page-faulted in per step, the per-round
@@ -16,6 +19,7 @@ kernels and in all operators (emulated-bf16):
     python tools/inference_ab.py --model alt_gvt_small --rounds 12
     python tools/inference_ab.py --model pcpvt_small_v0 --rounds 4 --profile
     python tools/inference_ab.py --compare emulated-bf16 --model alt_gvt_small --rounds 8
+    python tools/inference_ab.py --compare pool --model alt_gvt_base --rounds 8
 """
 import argparse
 import contextlib
@@ -58,12 +62,20 @@ def emulated_bf16_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Op
     return ("plain", "branches"), use, torch.bfloat16
 
 
-SETTINGS = {"attention": attention_settings, "emulated-bf16": emulated_bf16_settings}
+def pool_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Optional[torch.dtype]]:
+    """The same for --compare pool."""
+    def use(name: str) -> None:
+        kernels._REUSABLE.enabled = name == "pooled"  # this thread's pool, as allocate_plainly
+    return ("fresh", "pooled"), use, None
+
+
+SETTINGS = {"attention": attention_settings, "emulated-bf16": emulated_bf16_settings,
+            "pool": pool_settings}
 
 
 def profiled_ms(prof, compare: str) -> Dict[str, float]:
     """Milliseconds of a profiled step: in the attention operators (attention), or in the
-    kernels and in all operators (emulated-bf16)."""
+    kernels and in all operators (emulated-bf16, pool)."""
     times: Dict[str, float] = {}
     for event in prof.key_averages():
         category = kernel_category(event.key)
