@@ -111,7 +111,8 @@ class PatchEmbed(nn.Module):
         the convolution at another batch size."""
         B, p = x.shape[0], self.patch_size
         tokens = (x.shape[2] // p) * (x.shape[3] // p)  # per image
-        # fp32: the LayerNorm writes each chunk straight into the result (no copy of it).
+        # fp32: the LayerNorm writes each chunk into the (pooled) result, by way of a
+        # chunk-sized temporary of native_layer_norm.out's (see kernels.layer_norm_into).
         direct = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         out = kernels.reusable_empty((B, tokens, self.proj.out_channels), x) if direct else None
         size = None
