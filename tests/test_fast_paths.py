@@ -261,6 +261,23 @@ def test_reusable_buffers_of_sizes_no_longer_asked_for_are_released():
     assert sizes == [90, 132]  # only the new sizes' storages remain
 
 
+def test_reusable_pool_remembers_released_sizes_within_a_bound(monkeypatch):
+    """A released size keeps its last call (so that asking for it again measures the
+    period), but beyond `_MAX_SIZES` the oldest released sizes are forgotten."""
+    monkeypatch.setattr(kernels, "_MAX_SIZES", 40)
+    like = torch.zeros(1)
+
+    def run():
+        for n in range(1, 101):  # 100 sizes, each asked for once and freed at once
+            kernels.reusable_empty((n,), like)
+        pool = kernels._REUSABLE
+        return len(pool.last_call), max(k[0] for k in pool.last_call), len(pool.storages)
+
+    remembered, newest, pooled_sizes = in_fresh_thread(run)
+    assert 20 <= remembered <= 40 and newest == 400  # the latest size is among those kept
+    assert pooled_sizes < 100  # the old sizes' storages were released
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_grad_checkpointed_blocks_allocate_plainly(checkpointing):
     """Checkpointing is for saving memory: its blocks keep no pooled buffers mapped."""
