@@ -40,6 +40,7 @@ from torch import nn
 
 import twins
 from twins import native
+from twins.checkpoint import create_with_weights
 from utils import fused_optimizer_kwargs, retain_freed_memory
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -238,16 +239,11 @@ def build_models(cfg: Config, impls, device: torch.device, seed: int,
     """Our model with seeded weights, or those of `checkpoint` (its class count taken from
     the checkpoint's classifier), and, if asked, timm's model loaded with the same weights."""
     torch.manual_seed(seed)
-    weights = None if checkpoint is None else load_weights(checkpoint)
-    num_classes = weights["head.weight"].shape[0] if weights and "head.weight" in weights else 1000
-    models = {"ours": twins.create_model(cfg.model, num_classes=num_classes)}
-    if weights is not None:
-        from twins.checkpoint import load_pretrained
-        load_pretrained(models["ours"], weights, source=checkpoint)
+    models = {"ours": create_with_weights(cfg.model, checkpoint)}
     if "timm" in impls:
         import timm
         models["timm"] = timm.create_model(timm_name(cfg.model), pretrained=False,
-                                           num_classes=num_classes)
+                                           num_classes=models["ours"].num_classes)
         models["timm"].load_state_dict(models["ours"].state_dict())
     for name, model in models.items():
         if cfg.grad_checkpointing:

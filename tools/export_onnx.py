@@ -19,8 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from twins import create_model  # noqa: E402
-from twins.checkpoint import extract_state_dict, load_pretrained, torch_load  # noqa: E402
+from twins.checkpoint import create_with_weights  # noqa: E402
 from twins.export import MIN_SIZE, Pyramid, export_onnx  # noqa: E402
 
 
@@ -39,17 +38,10 @@ def image_size(text: str) -> Tuple[int, int]:
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
     """The model of --model with the weights of --checkpoint (class count from its classifier)."""
-    state_dict, num_classes = None, 1000
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise SystemExit(f"checkpoint {args.checkpoint} does not exist")
-        state_dict = extract_state_dict(torch_load(args.checkpoint), source=args.checkpoint)
-        if "head.weight" in state_dict:
-            num_classes = state_dict["head.weight"].shape[0]
-    model = create_model(args.model, num_classes=num_classes)
-    if state_dict is not None:
-        load_pretrained(model, state_dict, source=args.checkpoint)
-    return Pyramid(model.eval(), args.out_indices) if args.pyramid else model.eval()
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise SystemExit(f"checkpoint {args.checkpoint} does not exist")
+    model = create_with_weights(args.model, args.checkpoint).eval()
+    return Pyramid(model, args.out_indices) if args.pyramid else model
 
 
 def check(model: torch.nn.Module, path: Path, sizes: Sequence[Tuple[int, int]], atol: float

@@ -423,6 +423,20 @@ def load_pretrained(model: nn.Module, path_or_state_dict: Union[PathLike, Mappin
     return LoadReport(missing=missing, unexpected=unexpected, dropped_head=dropped)
 
 
+def create_with_weights(name: str, path: Optional[PathLike] = None, **kwargs: Any) -> nn.Module:
+    """``twins.create_model(name, **kwargs)`` with the weights of the checkpoint file ``path``
+    (any format ``load_pretrained`` reads), its class count taken from the checkpoint's
+    classifier (1000 without one); without ``path``, the model's own initial weights."""
+    from . import create_model  # the package imports this module's users, not the reverse
+
+    state_dict = None if path is None else extract_state_dict(torch_load(path), source=str(path))
+    num_classes = state_dict['head.weight'].shape[0] if state_dict and 'head.weight' in state_dict else 1000
+    model = create_model(name, num_classes=num_classes, **kwargs)
+    if state_dict is not None:
+        load_pretrained(model, state_dict, source=str(path))
+    return model
+
+
 def _drop_head_for_finetune(state_dict: StateDict, model_state: Mapping[str, torch.Tensor],
                             finetune: bool, source: str) -> List[str]:
     """When fine-tuning, remove a classifier that does not fit the model; returns the removed keys."""
@@ -493,7 +507,7 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 
     An interrupted or failing save leaves the previous file untouched and no temporary file.
     """
-    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+    write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
@@ -506,10 +520,10 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
         raise ValueError(f'safetensors holds tensors only; not tensors: {_preview(not_tensors)}')
     tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     data = save(tensors, metadata={'format': 'pt', **(metadata or {})})
-    _write_atomic(Path(path), lambda f: f.write(data))
+    write_atomic(Path(path), lambda f: f.write(data))
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     if not path.parent.is_dir():
         raise FileNotFoundError(f'cannot save {path}: directory {path.parent} does not exist')

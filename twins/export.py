@@ -10,12 +10,13 @@ column, and PyTorch's convolution decides its output layout by a guard on that, 
 exports start at 64 (the models themselves run from 32).
 """
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from .checkpoint import write_atomic
 
 MIN_SIZE = 64
 # The example batch the graph is traced with: PyTorch specialises a dynamic size whose example
@@ -72,21 +73,13 @@ def export_program(model: nn.Module, img_size: Tuple[int, int] = (224, 224), *,
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike],
                 img_size: Tuple[int, int] = (224, 224), *, min_size: int = MIN_SIZE,
                 max_size: int = 4096, output_names: Optional[Sequence[str]] = None) -> Path:
-    """Write `model` as an ONNX file with dynamic batch, height and width (input "images").
-
-    The file is written beside `path` first and renamed over it at the end, so that a failed
-    export leaves no partial file. Returns the path.
-    """
+    """Write `model` as an ONNX file with dynamic batch, height and width (input "images"),
+    atomically (`checkpoint.write_atomic`: a failed export leaves no partial file). Returns
+    the path."""
     program = export_program(model, img_size, min_size=min_size, max_size=max_size)
-    path = Path(path)
     onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, input_names=["images"],
                                      output_names=list(output_names) if output_names else None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx_program.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(path)
+    # One file: every Twins model is far below ONNX's 2 GB limit for inline weights.
+    write_atomic(path, lambda f: onnx_program.save(f, external_data=False))
     return path

@@ -9,7 +9,7 @@ The CPU fast paths they call (`kernels.linear`, `kernels.mlp`, `kernels.conv2d`)
 `kernels.py`. Attribute names (`proj`, `norm`, `fc1`, `fc2`, `proj.0`) follow the official
 checkpoints.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -89,14 +89,9 @@ class PatchEmbed(nn.Module):
             return self._forward_by_images(x)  # the copy chunk by chunk, into a reused buffer
         return self._embed(x.contiguous(memory_format=torch.channels_last))
 
-    def _embed(self, x: torch.Tensor, out: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, Size]:
-        """Convolution and LayerNorm; with `out` (fp32 inference) the LayerNorm writes into it,
-        the channels-last map's tokens being a contiguous view."""
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         x = conv2d(x, self.proj)
         size = (x.shape[2], x.shape[3])
-        if out is not None:
-            return kernels.layer_norm_into(map_to_tokens(x), self.norm, out), size
         return self._norm(x), size
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,22 +105,17 @@ class PatchEmbed(nn.Module):
         operations on each image: the same values, up to the summation order oneDNN picks for
         the convolution at another batch size."""
         B, p = x.shape[0], self.patch_size
-        tokens = (x.shape[2] // p) * (x.shape[3] // p)  # per image
-        # fp32: the LayerNorm writes each chunk into the (pooled) result, by way of a
-        # chunk-sized temporary of native_layer_norm.out's (see kernels.layer_norm_into).
-        direct = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        out = kernels.reusable_empty((B, tokens, self.proj.out_channels), x) if direct else None
-        size = None
-        for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // max(1, tokens))):
+        tokens = max(1, (x.shape[2] // p) * (x.shape[3] // p))  # per image
+        out, size = None, None
+        for b0, b1 in kernels.chunks(B, max(1, kernels.CHUNK_ROWS // tokens)):
             image = x[b0:b1]
             b, c, h, w = image.shape
             # The channels-last copy goes to a reused buffer, viewed as a channels-last map.
             buf = kernels.scratch("patch_embed.image", b, h * w * c, image)
-            y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image),
-                                  out[b0:b1] if direct else None)
-            if not direct:
-                out = kernels.reusable_empty((B,) + y.shape[1:], y) if out is None else out
-                out[b0:b1] = y
+            y, size = self._embed(tokens_to_map(buf.view(b, h * w, c), (h, w)).copy_(image))
+            # The result is pooled (`kernels.reusable_empty`), not mapped afresh every call.
+            out = kernels.reusable_empty((B,) + y.shape[1:], y) if out is None else out
+            out[b0:b1] = y
         return out, size
 
 
