@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from twins.checkpoint import save_atomic
+from twins.host_memory import retain_freed_memory  # noqa: F401 (main.py and benchmark.py call utils')
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -165,26 +166,6 @@ class SmoothedValue:
 
     def __str__(self):
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
-
-
-def retain_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
-
-    PyTorch's CPU allocator does not cache: each activation above glibc's mmap threshold is
-    mapped fresh and page-faulted in, and unmapped again when freed, every step. With mmap
-    disabled and heap trimming off, later steps reuse the pages of earlier ones (the effect
-    of running under jemalloc or tcmalloc). Resident memory then stays at its peak. Returns
-    False (and changes nothing) where glibc's `mallopt` is not available.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 # timm optimizer names served by torch.optim.Adam / AdamW, which have a fused implementation.

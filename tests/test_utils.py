@@ -72,35 +72,6 @@ def test_log_every_prints_eta_rate_and_memory(capsys):
     assert 'loss: 4.0000 (6.0000)' in lines[-1]  # median, then mean of 0, 1, 4, 9, 16
 
 
-FAULTS_SNIPPET = """
-import resource, torch, utils
-def faults_of_fresh_64mb():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 * 2 ** 20).fill_(1.0)  # 64 MiB, freed at once
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_fresh_64mb()  # the first time always maps new pages
-print(min(faults_of_fresh_64mb() for _ in range(3)))
-assert utils.retain_freed_memory()
-faults_of_fresh_64mb()  # the block freed last was unmapped: mapped once more, then kept
-print(min(faults_of_fresh_64mb() for _ in range(3)))
-"""
-
-
-def test_retain_freed_memory_stops_page_faults_on_reuse():
-    """With glibc defaults a freed 64 MiB block is unmapped and faulted in again on the next
-    allocation (16,384 pages of 4 KiB); after retain_freed_memory() it is reused as is. One
-    process, before and after the call (which cannot be undone)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = subprocess.run([sys.executable, "-c", FAULTS_SNIPPET], check=True, text=True,
-                         capture_output=True, cwd=Path(__file__).resolve().parents[1])
-    default, retain = map(int, out.stdout.split()[-2:])
-    assert default > 8000
-    assert retain < 1000
-
-
 def test_fused_optimizer_kwargs_where_the_kernel_exists():
     cpu = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
     assert utils.fused_optimizer_kwargs('adamw', cpu) == {'fused': True}
