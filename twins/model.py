@@ -84,7 +84,8 @@ def _release_before_recomputing() -> Tuple[ContextManager, ContextManager]:
     By then the later blocks' backward has freed their activations and gradients into the heap,
     in sizes the stage's last recomputation and the previous stage cannot reuse; glibc would
     keep them resident under all that comes after. Releasing them here takes the peak resident
-    memory of an SVT-B step at batch 32 from 3.2-3.5 GiB to about 2.7 GiB (docs/throughput.md).
+    memory of an SVT-B step at batch 32 from 3,238-3,561 MiB to 2,701-2,878 MiB, for about
+    3% of the step's time (docs/throughput.md).
     """
     return contextlib.nullcontext(), _releasing_freed_memory()
 
