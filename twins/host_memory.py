@@ -9,8 +9,8 @@ The two calls here move that balance either way, for a whole process:
 
 - `retain_freed_memory`: keep everything freed for reuse (faster steps, resident memory stays
   at its peak); `--retain-memory` of main.py and benchmark.py.
-- `release_freed_memory`: return the free pages of the heap now (what gradient checkpointing
-  calls at the start of each stage, see `twins.model`).
+- `release_freed_memory`: return the free pages of the heap now (what a gradient-checkpointed
+  step calls before recomputing each stage's first block, see `twins.model`).
 """
 import ctypes
 import ctypes.util

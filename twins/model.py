@@ -175,7 +175,8 @@ class Twins(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
+        """Recompute each block's activations in backward instead of storing them (on the CPU,
+        also returning glibc's free heap pages to the OS once per stage in backward)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
