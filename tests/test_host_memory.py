@@ -50,8 +50,11 @@ import resource, torch
 from twins import host_memory
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 2 ** 20
-# 256 MiB in 1 MiB tensors (below glibc's mmap threshold: from its heap), then every other
-# one freed: the holes stay resident, since a block still in use lies above each.
+# 256 MiB in 1 MiB tensors, from glibc's heap (its mmap threshold fixed above their size here,
+# rather than left to rise as freed blocks decide), then every other one freed: the holes stay
+# resident, since a block still in use lies above each.
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+assert host_memory._glibc().mallopt(M_MMAP_THRESHOLD, 4 * 2 ** 20)
 blocks = [torch.ones(2 ** 18) for _ in range(256)]
 del blocks[::2]
 before = rss_mib()
