@@ -111,3 +111,62 @@ def test_no_release_without_checkpointing_or_under_no_grad(monkeypatch):
     with torch.no_grad():
         model(x)
     assert calls == []
+
+
+HOLD_SNIPPET = """
+import resource, sys, torch
+from twins import host_memory
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h; fixed, so that 1 MiB blocks come from the heap
+assert host_memory._glibc().mallopt(M_MMAP_THRESHOLD, 4 * 2 ** 20)
+hold = sys.argv[1] == "hold"
+placed = []
+def faulted_pages_of_a_step():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(2 ** 18) for _ in range(256)]  # 256 MiB of activations, say
+    if hold:
+        placed.append(host_memory.hold_heap_top())
+    del blocks  # all free: the heap's top is given back to the OS unless something holds it
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faulted_pages_of_a_step()  # the first step maps the heap
+print(min(faulted_pages_of_a_step() for _ in range(3)), *map(int, placed), len(host_memory._held))
+"""
+
+
+def test_holding_the_heap_top_keeps_the_pages_of_the_last_step():
+    """Without a block held at its top, glibc gives a freed heap back and the next step faults
+    its 256 MiB in again (65,536 pages); with one, the next step reuses the pages. The block is
+    placed in the first step and may rise once more as the heap settles; later steps find it
+    at the top and place nothing. One block is held."""
+    default = run_fresh(HOLD_SNIPPET.replace("sys.argv[1]", "'default'"))
+    held = run_fresh(HOLD_SNIPPET.replace("sys.argv[1]", "'hold'"))
+    assert default[0] > 60000 and default[1:] == [0]
+    assert held[0] < 1000
+    placed, count = held[1:-1], held[-1]
+    assert placed[0] == 1 and placed[-2:] == [0, 0]
+    assert count == 1
+
+
+def test_heap_top_is_held_by_pooled_mlp_backward_only(monkeypatch):
+    """Training steps hold the heap's top from the MLP backward; steps whose blocks are
+    checkpointed (which give memory back instead) and inference do not."""
+    calls = []
+    monkeypatch.setattr(host_memory, "hold_heap_top", lambda: calls.append(1))
+    model = twins.create_model("alt_gvt_micro", num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    assert len(calls) == sum(len(stage) for stage in model.blocks)  # once per block's MLP
+    calls.clear()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    with torch.no_grad():
+        model.eval()(x)
+    assert calls == []
+
+
+def test_no_heap_hold_while_retaining():
+    """Where glibc keeps all freed memory already, nothing is held."""
+    code = ("from twins import host_memory\n"
+            "assert host_memory.retain_freed_memory()\n"
+            "import torch; blocks = [torch.ones(2 ** 18) for _ in range(64)]\n"
+            "print(int(host_memory.hold_heap_top()), len(host_memory._held))")
+    assert run_fresh(code) == [0, 0]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import host_memory, native
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -462,7 +462,11 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
                                   torch.Tensor]:
     """Gradients of x, W1, b1, W2, b2 for `mlp_train`, a chunk of tokens at a time; parameter
     gradients are summed over chunks in fp32 (bf16 products, fp32 sums) and returned in the
-    dtype of the weights."""
+    dtype of the weights. On the CPU, with the pool in use, it first holds glibc's heap at its
+    top (`host_memory.hold_heap_top`): the first MLP backward of a step comes right after the
+    forward, at the heap's largest."""
+    if reuse and x.device.type == "cpu":
+        host_memory.hold_heap_top()
     grad_out = grad_out.to(x.dtype).contiguous()
     M, H = pre.shape
     grad_h = scratch("mlp.grad_h", min(CHUNK_ROWS, M), H, x)
