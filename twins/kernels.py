@@ -11,8 +11,10 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
    reused from call to call; at inference the MLP branch adds into the attention branch's
    output in place. In training, the full-size tensors these kernels allocate every step
    (outputs, saved activations, input gradients) come from a pool of storages, each reused
-   once nothing refers to it any more (`reusable_empty`). (`benchmark.py` reports the memory
-   each step faults in.)
+   once nothing refers to it any more (`reusable_empty`), and the MLP backward keeps glibc's
+   heap from shrinking between steps (`host_memory.hold_heap_top`), which keeps the pages of
+   the activations these kernels do not allocate too (inductor's, in a compiled step).
+   (`benchmark.py` reports the memory each step faults in.)
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
