@@ -80,10 +80,11 @@ _held: List[Tuple[int, int]] = []  # (address, bytes) of the block holding the h
 
 def hold_heap_top() -> bool:
     """Keep glibc's main heap from shrinking below its present top (a block of 1-16 MiB of
-    address space is kept there, hardly any of it resident), so that a training step's activations reuse the previous step's heap pages instead
-    of page-faulting them in afresh. True if a block was placed; False if the one held is still
-    within 1 MiB of the top (the usual case: two C calls), or where glibc, its heap or
-    `retain_freed_memory` leaves nothing to do.
+    address space is kept there, hardly any of it resident), so that a training step's
+    activations reuse the previous step's heap pages instead of page-faulting them in afresh.
+    True if a block was placed; False if the one held is still within 1 MiB of the top (the
+    usual case: two C calls), or where glibc, its heap or `retain_freed_memory` leaves nothing
+    to do.
 
     glibc gives the top of its heap back to the OS when the free space there grows past its
     trim threshold (at most 64 MiB), and nothing below a block in use can be given back this
