@@ -114,18 +114,22 @@ def test_no_release_without_checkpointing_or_under_no_grad(monkeypatch):
 
 
 HOLD_SNIPPET = """
-import resource, sys, torch
+import ctypes, resource, sys
 from twins import host_memory
+libc = host_memory._glibc()
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h; fixed, so that 1 MiB blocks come from the heap
-assert host_memory._glibc().mallopt(M_MMAP_THRESHOLD, 4 * 2 ** 20)
+assert libc.mallopt(M_MMAP_THRESHOLD, 4 * 2 ** 20)
 hold = sys.argv[1] == "hold"
-placed = []
+placed, blocks = [], [0] * 256  # allocated before the blocks, below them in the heap
 def faulted_pages_of_a_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(2 ** 18) for _ in range(256)]  # 256 MiB of activations, say
+    for i in range(256):  # 256 MiB of activations, say, straight from malloc and written
+        blocks[i] = libc.malloc(2 ** 20)
+        ctypes.memset(blocks[i], 1, 2 ** 20)
     if hold:
         placed.append(host_memory.hold_heap_top())
-    del blocks  # all free: the heap's top is given back to the OS unless something holds it
+    for p in blocks:  # all free: the heap's top goes back to the OS unless something holds it
+        libc.free(p)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faulted_pages_of_a_step()  # the first step maps the heap
 print(min(faulted_pages_of_a_step() for _ in range(3)), *map(int, placed), len(host_memory._held))
