@@ -111,10 +111,11 @@ def hold_heap_top() -> bool:
             p = libc.malloc(size)
             if not p:
                 break
-            if p >= libc.sbrk(0):  # mapped on its own, or from another thread's arena
+            end_of_heap = libc.sbrk(0)
+            if p >= end_of_heap:  # mapped on its own, or from another thread's arena
                 libc.free(p)
                 break
-            if p + size + _MIB >= libc.sbrk(0):
+            if p + size + _MIB >= end_of_heap:
                 top = p
                 break
             taken.append(p)
