@@ -348,19 +348,37 @@ def test_block_inference_leaves_its_input_untouched(kind, precision, chunk_rows)
     assert torch.equal(x, before)
 
 
-def test_layer_norm_scratch_equals_layer_norm_and_reuses_its_buffer(chunk_rows):
-    """Bit-identical to F.layer_norm, also a few rows at a time (chunks-of-5: 12 chunks)."""
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "aten"])
+def test_layer_norm_scratch_equals_layer_norm_and_reuses_its_buffer(use_native, chunk_rows,
+                                                                    monkeypatch):
+    """The native kernel's result, or without it F.layer_norm's bits, also a few rows at a time
+    (chunks-of-5: 12 chunks)."""
+    from twins import native
+    if not use_native:
+        monkeypatch.setattr(native, "ops", lambda: None)
+    elif native.capability() is None:
+        pytest.skip("the native kernels are built for x86 CPUs with AVX2 or AVX-512 only")
+    else:
+        assert native.ops() is not None, "the native kernels failed to build"
     norm = torch.nn.LayerNorm(12)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x, y = torch.randn(3, 20, 12), torch.randn(3, 20, 12)
+
+    def reference(t):
+        if not use_native:
+            return F.layer_norm(t, (12,), norm.weight, norm.bias, norm.eps)
+        out = torch.empty_like(t)
+        native.ops().layer_norm_(t, norm.weight, norm.bias, norm.eps, out)
+        torch.testing.assert_close(out, F.layer_norm(t, (12,), norm.weight, norm.bias, norm.eps))
+        return out
+
     with torch.inference_mode():
         a = kernels.layer_norm_scratch(x, norm, "test.ln")
-        torch.testing.assert_close(a, F.layer_norm(x, (12,), norm.weight, norm.bias, norm.eps),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(a, reference(x), atol=0, rtol=0)
         b = kernels.layer_norm_scratch(y, norm, "test.ln")
         assert b.data_ptr() == a.data_ptr()  # the same memory, now holding y's result
-        torch.testing.assert_close(b, norm(y), atol=0, rtol=0)
+        torch.testing.assert_close(b, reference(y), atol=0, rtol=0)
     with torch.enable_grad():  # with autograd the result must be a tensor of its own
         c = kernels.layer_norm_scratch(x, norm, "test.ln")
         assert c.requires_grad and c.data_ptr() != a.data_ptr()

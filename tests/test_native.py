@@ -59,6 +59,84 @@ def test_gelu_backward_rejects_what_it_does_not_handle():
         ops.gelu_backward_(a, a.clone(), a.clone(), torch.zeros(7))
 
 
+LAYER_NORM_SHAPES = [(1, 16), (131, 67), (300, 256), (64, 5), (9, 1)]
+LAYER_NORM_IDS = ["one-row", "odd", "wide", "narrower-than-a-vector", "one-channel"]
+
+
+def layer_norm_inputs(rows, channels, seed=0):
+    """x with rows of large mean and small spread (where one-pass moments lose digits) and a
+    constant row (variance 0), weight and bias."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, channels, generator=gen) * 0.5 + 40 * torch.randn(rows, 1, generator=gen)
+    x[0] = 3.0
+    return x, torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+
+
+def assert_as_exact(got: torch.Tensor, aten: torch.Tensor, want: torch.Tensor) -> None:
+    """got's largest error against float64 `want` is at most three times that of PyTorch's
+    fp32 kernel (`aten`), or 1e-6 of want's largest entry (where ATen's is about 0)."""
+    error = (got.double() - want).abs().max().item()
+    bound = max(3 * (aten.double() - want).abs().max().item(), 1e-6 * want.abs().max().item())
+    assert error <= bound, f"error {error:.3g} against float64, ATen's x 3: {bound:.3g}"
+
+
+@pytest.mark.parametrize("rows, channels", LAYER_NORM_SHAPES, ids=LAYER_NORM_IDS)
+def test_layer_norm_matches_float64(rows, channels):
+    ops = native_ops()
+    x, weight, bias = layer_norm_inputs(rows, channels)
+    eps = 1e-6
+    want = torch.nn.functional.layer_norm(x.double(), (channels,), weight.double(),
+                                          bias.double(), eps)
+    out = torch.full_like(x, float("nan"))
+    ops.layer_norm_(x, weight, bias, eps, out)
+    # As exact as PyTorch's fp32 kernel (whose error here comes from the rows' large means).
+    aten = torch.nn.functional.layer_norm(x, (channels,), weight, bias, eps)
+    assert_as_exact(out, aten, want)
+    assert torch.equal(out[0], bias)  # the constant row: its mean exactly, so the bias
+    y = x.clone()
+    ops.layer_norm_(y, weight, bias, eps, y)  # in place: the same values
+    assert torch.equal(y, out)
+
+
+def test_layer_norm_rejects_what_it_does_not_handle():
+    ops = native_ops()
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="contiguous fp32 CPU tensors, not BFloat16"):
+        ops.layer_norm_(x.bfloat16(), w, b, 1e-6, x.bfloat16())
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        ops.layer_norm_(x.t().contiguous().t(), w, b, 1e-6, x.clone())
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.layer_norm_(x, w, b, 1e-6, x[:2].clone())
+    with pytest.raises(RuntimeError, match=r"\(C,\)"):
+        ops.layer_norm_(x, w[:7], b, 1e-6, x.clone())
+
+
+def test_layer_norm_module_takes_the_native_kernel_at_inference(monkeypatch):
+    """`twins.layers.LayerNorm` (every LayerNorm of the models) runs the native kernel at eager
+    fp32 inference, with the values of PyTorch's; training, a non-contiguous input and a bf16
+    one take PyTorch's kernels."""
+    from twins.layers import LayerNorm
+    counting = _Counting(native_ops())
+    monkeypatch.setattr(native, "ops", lambda: counting)
+    torch.manual_seed(0)
+    norm = LayerNorm(37, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 11, 37) * 3
+    want = torch.nn.functional.layer_norm(x, (37,), norm.weight, norm.bias, 1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), want, atol=1e-5, rtol=1e-5)
+    assert counting.calls == {"layer_norm_": 1}
+    x.requires_grad_()
+    norm(x).sum().backward()  # training
+    with torch.no_grad():
+        norm(x.transpose(0, 1))  # not contiguous
+        norm(x.bfloat16())
+    assert counting.calls == {"layer_norm_": 1}
+    assert x.grad is not None and norm.weight.grad is not None
+
+
 ROUNDINGS = [torch.bfloat16, torch.float16]
 
 
@@ -349,6 +427,13 @@ out = torch.empty(2, 13, 3, 32).transpose(1, 2)
 q[0, 1, 4, 0] = float("nan")
 ops.attention_(q, k, v, out)
 assert torch.isnan(out[0, 1, 4]).all() and not torch.isnan(out[0, 1, 5]).any()
+# LayerNorm rows of 1, 67 and 256 channels (67: a scalar tail past the last whole vector).
+for C in (1, 67, 256):
+    x, w, b = torch.randn(33, C) * 2 + 5, torch.randn(C), torch.randn(C)
+    out = torch.empty_like(x)
+    ops.layer_norm_(x, w, b, 1e-6, out)
+    want = torch.nn.functional.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
 print("ok")
 """
 

@@ -388,8 +388,8 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
     for s, e in chunks(M, CHUNK_ROWS):
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[s:e] if act is not None else act_chunk[:e - s]
-        linear_into(cast_chunk(x[s:e] if norm is None else _normed(x[s:e], norm, rounding), w1),
-                    w1, b1, h)
+        xs = x[s:e] if norm is None else _normed(x[s:e], norm, rounding, "mlp.normed")
+        linear_into(cast_chunk(xs, w1), w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
         _round_(g, rounding)
@@ -900,16 +900,46 @@ def inference_applies(x: torch.Tensor) -> bool:
     return _kernel_dtype(x) is not None
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _native_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor]):
+    """The native operators if they take this LayerNorm: eager CPU, fp32 and contiguous x,
+    weight and bias, no autograd through it (inference, or frozen inputs); else None."""
+    if not (enabled(x) and x.dtype == torch.float32 and x.is_contiguous() and x.numel()
+            and weight is not None and bias is not None
+            and weight.dtype == bias.dtype == torch.float32
+            and weight.is_contiguous() and bias.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or bias.requires_grad):
+        return None  # training keeps ATen's kernels (see docs/throughput.md)
+    return native.ops()
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """`F.layer_norm` over the last dimension. Without autograd on the eager CPU, fp32 rows go
+    through the native kernel (`native.cpp`: the row moments in two passes instead of ATen's
+    Welford updates, 1.6-2x as fast and as exact)."""
+    fused = _native_layer_norm(x, weight, bias)
+    if fused is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    out = torch.empty_like(x)
+    fused.layer_norm_(x, weight, bias, eps, out)
+    return out
 
 
 def _normed(x: torch.Tensor, norm: Tuple[torch.Tensor, torch.Tensor, float],
-            rounding: Optional[torch.dtype]) -> torch.Tensor:
-    """LayerNorm (weight, bias, eps) of x, rounded to `rounding` as an emulated-autocast
-    linear rounds its input (free for a bf16 x, whose LayerNorm is bf16 already)."""
-    return _round_(layer_norm(x, *norm), rounding)
+            rounding: Optional[torch.dtype], slot: str) -> torch.Tensor:
+    """LayerNorm (weight, bias, eps) of a chunk x, rounded to `rounding` as an emulated-autocast
+    linear rounds its input (free for a bf16 x, whose LayerNorm is bf16 already). Where the
+    native kernel takes it, the result is written into the scratch buffer `slot`: a temporary
+    that the caller uses before its next chunk."""
+    fused = _native_layer_norm(x, norm[0], norm[1])
+    if fused is None:
+        return _round_(layer_norm(x, *norm), rounding)
+    out = scratch(slot, x.numel() // x.shape[-1], x.shape[-1], x).view(x.shape)
+    fused.layer_norm_(x, *norm, out)
+    return _round_(out, rounding)
 
 
 class _LowPrecisionLayerNorm(torch.autograd.Function):
@@ -999,11 +1029,16 @@ def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> t
     """`norm(x)` written into `out` (no gradient): x fp32 and contiguous, out of its shape and
     dtype, contiguous.
 
-    A chunk of rows at a time: `native_layer_norm.out` computes into a temporary of its
-    output's size and copies that into `out`, which for a whole first-stage map would be
-    freshly mapped and page-faulted every call (37 MiB for SVT-B at batch 32). The rows are
-    normalised independently, so the values are those of one call on all of them.
+    The native kernel writes straight into `out`. Without it, a chunk of rows at a time:
+    `native_layer_norm.out` computes into a temporary of its output's size and copies that
+    into `out`, which for a whole first-stage map would be freshly mapped and page-faulted
+    every call (37 MiB for SVT-B at batch 32). The rows are normalised independently, so the
+    values are those of one call on all of them.
     """
+    fused = _native_layer_norm(x, norm.weight, norm.bias)
+    if fused is not None and out.is_contiguous():
+        fused.layer_norm_(x, norm.weight, norm.bias, norm.eps, out)  # straight into out
+        return out
     C = x.shape[-1]
     rows = x.numel() // C
     x2d, out2d = x.view(rows, C), out.view(rows, C)
@@ -1095,7 +1130,8 @@ def window_attention_residual(x: torch.Tensor, height: int, width: int, window: 
             tokens = bands[s:e]
             # Token order -> window order (n, window, row, column, C), in the compute dtype.
             win = win_buf[:n * band].view(n, wg, ws, ws, C)
-            win.copy_(_normed(tokens, (ln_weight, ln_bias, eps), rounding).permute(0, 2, 1, 3, 4))
+            win.copy_(_normed(tokens, (ln_weight, ln_bias, eps), rounding, "attn.normed")
+                      .permute(0, 2, 1, 3, 4))
             qkv = linear_into(win.view(n * band, C), w_qkv, b_qkv, qkv_buf[:n * band])
             q, k, v = _window_heads(_round_(qkv, rounding), L, heads)  # (n * wg, heads, L, hd)
             a = attend(q, k, v, "attn.out")  # stored as (n * wg, L, heads, hd)

@@ -22,13 +22,16 @@ Size = Tuple[int, int]
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and results) whose weight and bias gradients are summed in
-    fp32 for bf16/fp16 inputs in CPU training, which PyTorch's CPU kernel sums in the input's
-    precision (`kernels.low_precision_layer_norm`)."""
+    """nn.LayerNorm (same parameters; the same results up to fp32 rounding) whose weight and
+    bias gradients are summed in fp32 for bf16/fp16 inputs in CPU training, which PyTorch's CPU
+    kernel sums in the input's precision (`kernels.low_precision_layer_norm`), and which at
+    eager CPU fp32 inference runs the native kernel (`kernels.layer_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if low_precision_layer_norm_applies(x, self):
             return low_precision_layer_norm(x, self)
+        if len(self.normalized_shape) == 1:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
