@@ -900,19 +900,18 @@ def inference_applies(x: torch.Tensor) -> bool:
     return _kernel_dtype(x) is not None
 
 
-def _native_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor]):
-    """The native operators if they take this LayerNorm: eager CPU, fp32 and contiguous x,
-    weight and bias, no autograd through it (inference, or frozen inputs); else None."""
+def _layer_norm_without_autograd(x: torch.Tensor, weight: Optional[torch.Tensor],
+                                 bias: Optional[torch.Tensor]) -> bool:
+    """Whether the inference paths of the LayerNorm take x: eager CPU, fp32 and contiguous
+    (non-empty) x, weight and bias, and no autograd through it (inference, or frozen inputs;
+    training keeps ATen's kernels, see docs/throughput.md)."""
     if not (enabled(x) and x.dtype == torch.float32 and x.is_contiguous() and x.numel()
             and weight is not None and bias is not None
             and weight.dtype == bias.dtype == torch.float32
             and weight.is_contiguous() and bias.is_contiguous()):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or bias.requires_grad):
-        return None  # training keeps ATen's kernels (see docs/throughput.md)
-    return native.ops()
+        return False
+    return not (torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad or bias.requires_grad))
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -920,7 +919,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     """`F.layer_norm` over the last dimension. Without autograd on the eager CPU, fp32 rows go
     through the native kernel (`native.cpp`: the row moments in two passes instead of ATen's
     Welford updates, 1.6-2x as fast and as exact)."""
-    fused = _native_layer_norm(x, weight, bias)
+    fused = native.ops() if _layer_norm_without_autograd(x, weight, bias) else None
     if fused is None:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     out = torch.empty_like(x)
@@ -930,16 +929,15 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
 def _normed(x: torch.Tensor, norm: Tuple[torch.Tensor, torch.Tensor, float],
             rounding: Optional[torch.dtype], slot: str) -> torch.Tensor:
-    """LayerNorm (weight, bias, eps) of a chunk x, rounded to `rounding` as an emulated-autocast
-    linear rounds its input (free for a bf16 x, whose LayerNorm is bf16 already). Where the
-    native kernel takes it, the result is written into the scratch buffer `slot`: a temporary
-    that the caller uses before its next chunk."""
-    fused = _native_layer_norm(x, norm[0], norm[1])
-    if fused is None:
+    """LayerNorm (weight, bias, eps) of x, rounded to `rounding` as an emulated-autocast linear
+    rounds its input (free for a bf16 x, whose LayerNorm is bf16 already). Where the inference
+    paths take x (`_layer_norm_without_autograd`) it is written into the per-thread scratch
+    buffer `slot` instead of freshly mapped memory, and overwritten by the next call with that
+    slot: for temporaries that never leave the caller (a chunk's normalised tokens)."""
+    if not _layer_norm_without_autograd(x, norm[0], norm[1]):
         return _round_(layer_norm(x, *norm), rounding)
     out = scratch(slot, x.numel() // x.shape[-1], x.shape[-1], x).view(x.shape)
-    fused.layer_norm_(x, *norm, out)
-    return _round_(out, rounding)
+    return _round_(layer_norm_into(x, *norm, out), rounding)
 
 
 class _LowPrecisionLayerNorm(torch.autograd.Function):
@@ -1014,20 +1012,15 @@ def _same_as_input(x: torch.Tensor, *args) -> torch.Tensor:
 
 def layer_norm_scratch(x: torch.Tensor, norm: nn.LayerNorm, slot: str,
                        rounding: Optional[torch.dtype] = None) -> torch.Tensor:
-    """`norm(x)` for fp32 x at eager CPU inference, written into a per-thread scratch buffer
-    instead of freshly mapped memory, and rounded to `rounding` (emulated autocast) as a
-    linear or convolution takes it. The result is overwritten by the next call with the same
-    slot: for temporaries that never leave the caller."""
-    if (not enabled(x) or torch.is_grad_enabled() or x.dtype != torch.float32
-            or not x.is_contiguous()):
-        return _round_(norm(x), rounding)
-    out = scratch(slot, x.numel() // x.shape[-1], x.shape[-1], x).view(x.shape)
-    return _round_(layer_norm_into(x, norm, out), rounding)
+    """`norm(x)` (a LayerNorm over the last dimension) at eager CPU fp32 inference, in the
+    scratch buffer `slot` and rounded to `rounding`: `_normed`."""
+    return _normed(x, (norm.weight, norm.bias, norm.eps), rounding, slot)
 
 
-def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` written into `out` (no gradient): x fp32 and contiguous, out of its shape and
-    dtype, contiguous.
+def layer_norm_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    out: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of x over its last dimension written into `out` (no gradient): x, weight,
+    bias and out fp32 and contiguous, out of x's shape.
 
     The native kernel writes straight into `out`. Without it, a chunk of rows at a time:
     `native_layer_norm.out` computes into a temporary of its output's size and copies that
@@ -1035,9 +1028,9 @@ def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> t
     every call (37 MiB for SVT-B at batch 32). The rows are normalised independently, so the
     values are those of one call on all of them.
     """
-    fused = _native_layer_norm(x, norm.weight, norm.bias)
-    if fused is not None and out.is_contiguous():
-        fused.layer_norm_(x, norm.weight, norm.bias, norm.eps, out)  # straight into out
+    fused = native.ops()
+    if fused is not None:
+        fused.layer_norm_(x, weight, bias, eps, out)
         return out
     C = x.shape[-1]
     rows = x.numel() // C
@@ -1045,9 +1038,8 @@ def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, out: torch.Tensor) -> t
     step = min(rows, CHUNK_ROWS)
     stats = scratch("layer_norm.stats", 2, step, x)
     for s, e in chunks(rows, step):
-        torch.ops.aten.native_layer_norm.out(x2d[s:e], norm.normalized_shape, norm.weight,
-                                             norm.bias, norm.eps, out0=out2d[s:e],
-                                             out1=stats[0, :e - s, None],
+        torch.ops.aten.native_layer_norm.out(x2d[s:e], (C,), weight, bias, eps,
+                                             out0=out2d[s:e], out1=stats[0, :e - s, None],
                                              out2=stats[1, :e - s, None])
     return out
 
