@@ -934,10 +934,11 @@ def _normed(x: torch.Tensor, norm: Tuple[torch.Tensor, torch.Tensor, float],
     paths take x (`_layer_norm_without_autograd`) it is written into the per-thread scratch
     buffer `slot` instead of freshly mapped memory, and overwritten by the next call with that
     slot: for temporaries that never leave the caller (a chunk's normalised tokens)."""
-    if not _layer_norm_without_autograd(x, norm[0], norm[1]):
-        return _round_(layer_norm(x, *norm), rounding)
+    weight, bias, eps = norm
+    if not _layer_norm_without_autograd(x, weight, bias):
+        return _round_(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), rounding)
     out = scratch(slot, x.numel() // x.shape[-1], x.shape[-1], x).view(x.shape)
-    return _round_(layer_norm_into(x, *norm, out), rounding)
+    return _round_(layer_norm_into(x, weight, bias, eps, out), rounding)
 
 
 class _LowPrecisionLayerNorm(torch.autograd.Function):

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -155,38 +156,20 @@ void round_(const at::Tensor& self, at::ScalarType dtype) {
   });
 }
 
-// The sum of a row's n floats, in two vector accumulators and the scalar tail.
-inline float row_sum(const float* x, int64_t n) {
+// A sum over a row's n floats in two vector accumulators and a scalar tail: add(acc, x) adds
+// x's term to acc, for a Vec of floats and for one float (the tail).
+template <typename Add>
+inline float row_sum(const float* x, int64_t n, const Add& add) {
   const int64_t W = Vec::size();
   Vec a(0.f), b(0.f);
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
-    a = a + Vec::loadu(x + j);
-    b = b + Vec::loadu(x + j + W);
+    a = add(a, Vec::loadu(x + j));
+    b = add(b, Vec::loadu(x + j + W));
   }
-  for (; j + W <= n; j += W) a = a + Vec::loadu(x + j);
+  for (; j + W <= n; j += W) a = add(a, Vec::loadu(x + j));
   float tail = 0.f;
-  for (; j < n; ++j) tail += x[j];
-  return at::vec::vec_reduce_all<float>(std::plus<Vec>(), a + b) + tail;
-}
-
-// The sum of (x - mean)^2 over a row's n floats.
-inline float row_squared_deviation(const float* x, float mean, int64_t n) {
-  const int64_t W = Vec::size();
-  const Vec m(mean);
-  Vec a(0.f), b(0.f);
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    const Vec d = Vec::loadu(x + j) - m, e = Vec::loadu(x + j + W) - m;
-    a = at::vec::fmadd(d, d, a);
-    b = at::vec::fmadd(e, e, b);
-  }
-  for (; j + W <= n; j += W) {
-    const Vec d = Vec::loadu(x + j) - m;
-    a = at::vec::fmadd(d, d, a);
-  }
-  float tail = 0.f;
-  for (; j < n; ++j) tail += (x[j] - mean) * (x[j] - mean);
+  for (; j < n; ++j) tail = add(tail, x[j]);
   return at::vec::vec_reduce_all<float>(std::plus<Vec>(), a + b) + tail;
 }
 
@@ -194,10 +177,20 @@ inline float row_squared_deviation(const float* x, float mean, int64_t n) {
 // row's mean and variance taken in two passes (the row is in L1 for the second and third).
 inline void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t C,
                            float eps) {
-  const float mean = row_sum(x, C) / static_cast<float>(C);
-  const float var = row_squared_deviation(x, mean, C) / static_cast<float>(C);
+  const auto add = [](auto acc, auto v) { return acc + v; };
+  const float mean = row_sum(x, C, add) / static_cast<float>(C);
+  const Vec m(mean);
+  const auto add_squared_deviation = [&](auto acc, auto v) {
+    if constexpr (std::is_same_v<decltype(v), float>) {
+      return acc + (v - mean) * (v - mean);
+    } else {
+      const Vec d = v - m;
+      return at::vec::fmadd(d, d, acc);
+    }
+  };
+  const float var = row_sum(x, C, add_squared_deviation) / static_cast<float>(C);
   const float rstd = 1.f / std::sqrt(var + eps);
-  const Vec m(mean), r(rstd);
+  const Vec r(rstd);
   int64_t j = 0;
   for (; j + Vec::size() <= C; j += Vec::size()) {
     ((Vec::loadu(x + j) - m) * r * Vec::loadu(w + j) + Vec::loadu(b + j)).store(y + j);
