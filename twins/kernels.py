@@ -919,12 +919,9 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     """`F.layer_norm` over the last dimension. Without autograd on the eager CPU, fp32 rows go
     through the native kernel (`native.cpp`: the row moments in two passes instead of ATen's
     Welford updates, 1.6-2x as fast and as exact)."""
-    fused = native.ops() if _layer_norm_without_autograd(x, weight, bias) else None
-    if fused is None:
+    if not _layer_norm_without_autograd(x, weight, bias) or native.ops() is None:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    out = torch.empty_like(x)
-    fused.layer_norm_(x, weight, bias, eps, out)
-    return out
+    return layer_norm_into(x, weight, bias, eps, torch.empty_like(x))
 
 
 def _normed(x: torch.Tensor, norm: Tuple[torch.Tensor, torch.Tensor, float],
