@@ -414,27 +414,41 @@ def kernel_shares(events, device: torch.device) -> Dict[str, float]:
     for event in events:
         self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         totals[kernel_category(event.key)] += self_time
-    whole = sum(totals.values()) or 1.0
+    whole = sum(totals.values())
+    if whole <= 0:
+        raise ValueError("the profile recorded no operator time: nothing to take shares of")
     shares = {category: t / whole for category, t in totals.items()}
     shares["kernels"] = 1.0 - shares["other"]
     return shares
 
 
-def profile_step(step: Callable, device: torch.device, label: str,
-                 rows: int = 15) -> Dict[str, float]:
-    """Profile one step, print the top ops by self time and return the kernel-time shares."""
+# Profiled steps run before the one reported. The profiler keeps a record of every operator
+# on the heap while the step runs; in the first profiled steps of a process those records sit
+# between the step's freed tensors, glibc grows its heap around them and the step page-faults
+# the difference in, which slows the memory-bound operators most (an SVT-S fp32 training step
+# at batch 32: 270 MiB faulted and 10% slower in the first two profiled steps, then 10-30 MiB
+# and as fast as unprofiled steps). Inference steps were the same from the first.
+PROFILE_WARMUP = 2
+
+
+def profile_step(step: Callable, device: torch.device, label: str, rows: int = 15,
+                 warmup: int = PROFILE_WARMUP) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Profile the last of `warmup` + 1 steps, print its top ops by self time and return its
+    kernel-time shares and its {"seconds", "faulted_mib"} (compare with the timed steps')."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        synchronize(device)
+    for _ in range(warmup + 1):
+        with profile(activities=activities) as prof:
+            seconds, faulted_mib = time_call(step, device)
     events = prof.key_averages()
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n--- profile: {label}")
     print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=50))
     shares = kernel_shares(events, device)
     print("time share: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-    return shares
+    print(f"profiled step (after {warmup} profiled before it): {seconds * 1e3:.0f} ms, "
+          f"{faulted_mib:.0f} MiB faulted")
+    return shares, {"seconds": seconds, "faulted_mib": faulted_mib}
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -471,7 +485,8 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device,
     for impl in timed:
         row[impl]["timing"] = asdict(timings[impl])
         if args.profile:
-            row[impl]["kernel_share"] = profile_step(steps[impl], device, f"{impl} {cfg}")
+            row[impl]["kernel_share"], row[impl]["profiled_step"] = profile_step(
+                steps[impl], device, f"{impl} {cfg}")
         if args.memory:
             row[impl]["memory"] = peak_memory(cfg, impl, steps[impl], device, args.seed)
     if set(timed) == set(impls):

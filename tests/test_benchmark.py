@@ -87,6 +87,29 @@ def test_kernel_shares_from_profiler_events():
     assert shares["kernels"] == pytest.approx(0.8) and shares["other"] == pytest.approx(0.2)
 
 
+def test_kernel_shares_of_an_empty_profile_is_an_error():
+    with pytest.raises(ValueError, match="no operator time"):
+        benchmark.kernel_shares([SimpleNamespace(key="aten::mm", self_cpu_time_total=0.0)],
+                                torch.device("cpu"))
+
+
+def test_profile_step_reports_the_last_of_its_profiled_steps(capsys):
+    a = torch.randn(256, 256)
+    calls = []
+
+    def step():  # element-wise work only, but for the last call: a matmul
+        calls.append(1)
+        if len(calls) == 3:
+            return [torch.mm(a, a) for _ in range(20)]
+        return [a + a for _ in range(20)]
+
+    shares, profiled = benchmark.profile_step(step, torch.device("cpu"), "toy", warmup=2)
+    assert len(calls) == 3
+    assert shares["matmul"] > 0.9 and shares["kernels"] == pytest.approx(1 - shares["other"])
+    assert profiled["seconds"] > 0 and profiled["faulted_mib"] >= 0
+    assert "after 2 profiled before it" in capsys.readouterr().out
+
+
 def test_fp16_on_cpu_is_refused():
     cfg = Config("pcpvt_micro", 1, 32, "fp16", "inference")
     with pytest.raises(ValueError, match="CUDA"):
@@ -257,6 +280,7 @@ def test_main_writes_json_and_markdown(tmp_path):
     faulted = row["ours"]["timing"]["faulted_mib"]
     assert len(faulted) == 2 and all(mib >= 0 for mib in faulted)
     assert 0 < row["ours"]["kernel_share"]["kernels"] <= 1
+    assert row["ours"]["profiled_step"]["seconds"] > 0  # the profiled step's own time, to compare
     table = (tmp_path / "benchmark_unit.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| alt_gvt_micro")]
     assert len(body) == 4 and "| bf16 | train |" in body[3]
