@@ -422,33 +422,46 @@ def kernel_shares(events, device: torch.device) -> Dict[str, float]:
     return shares
 
 
-# Profiled steps run before the one reported. The profiler keeps a record of every operator
-# on the heap while the step runs; in the first profiled steps of a process those records sit
-# between the step's freed tensors, glibc grows its heap around them and the step page-faults
-# the difference in, which slows the memory-bound operators most (an SVT-S fp32 training step
-# at batch 32: 270 MiB faulted and 10% slower in the first two profiled steps, then 10-30 MiB
-# and as fast as unprofiled steps). Inference steps were the same from the first.
-PROFILE_WARMUP = 2
+# How many steps `profile_step` profiles in a row. The profiler keeps a record of every
+# operator on the heap while a step runs; where those records land between the step's freed
+# tensors, glibc grows its heap around them and the step page-faults the difference in, which
+# slows the memory-bound operators most. Profiled SVT-S fp32 training steps at batch 32 faulted
+# in 10-320 MiB and ran from as fast as unprofiled steps (0 MiB) to 20% slower, differently
+# from step to step, the first steps of a process faulting most; our inference steps were not
+# affected. Of several, the one nearest the timed median describes the steps that were timed.
+PROFILED_STEPS = 4
 
 
-def profile_step(step: Callable, device: torch.device, label: str, rows: int = 15,
-                 warmup: int = PROFILE_WARMUP) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Profile the last of `warmup` + 1 steps, print its top ops by self time and return its
-    kernel-time shares and its {"seconds", "faulted_mib"} (compare with the timed steps')."""
+def profile_step(step: Callable, device: torch.device, label: str,
+                 typical_seconds: Optional[float] = None, rows: int = 15,
+                 steps: int = PROFILED_STEPS) -> Tuple[Dict[str, float], Dict]:
+    """Profile `steps` steps in a row and report the one whose time is nearest
+    `typical_seconds` (the median of the timed steps; without it, the last): print its top ops
+    by self time and return its kernel-time shares and {"seconds", "faulted_mib"} of it, with
+    every profiled step's seconds and MiB faulted in "all_seconds" and "all_faulted_mib"."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for _ in range(warmup + 1):
+    times: List[Tuple[float, float]] = []
+    events, chosen = None, None
+    for i in range(steps):
         with profile(activities=activities) as prof:
-            seconds, faulted_mib = time_call(step, device)
-    events = prof.key_averages()
+            times.append(time_call(step, device))
+        nearer = (chosen is None or typical_seconds is None
+                  or abs(times[i][0] - typical_seconds) < abs(times[chosen][0] - typical_seconds))
+        if nearer:  # only the chosen step's events are kept: the others' are freed at once
+            events, chosen = prof.key_averages(), i
+        del prof
+    seconds, faulted_mib = times[chosen]
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n--- profile: {label}")
     print(events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=50))
     shares = kernel_shares(events, device)
     print("time share: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-    print(f"profiled step (after {warmup} profiled before it): {seconds * 1e3:.0f} ms, "
-          f"{faulted_mib:.0f} MiB faulted")
-    return shares, {"seconds": seconds, "faulted_mib": faulted_mib}
+    typical = f", the timed median {typical_seconds * 1e3:.0f} ms" if typical_seconds else ""
+    print(f"profiled step {chosen + 1} of {steps}: {seconds * 1e3:.0f} ms, {faulted_mib:.0f} MiB "
+          f"faulted (all: {', '.join(f'{s * 1e3:.0f} ms / {m:.0f} MiB' for s, m in times)}{typical})")
+    return shares, {"seconds": seconds, "faulted_mib": faulted_mib,
+                    "all_seconds": [s for s, _ in times], "all_faulted_mib": [m for _, m in times]}
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -486,7 +499,7 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device,
         row[impl]["timing"] = asdict(timings[impl])
         if args.profile:
             row[impl]["kernel_share"], row[impl]["profiled_step"] = profile_step(
-                steps[impl], device, f"{impl} {cfg}")
+                steps[impl], device, f"{impl} {cfg}", statistics.median(timings[impl].seconds))
         if args.memory:
             row[impl]["memory"] = peak_memory(cfg, impl, steps[impl], device, args.seed)
     if set(timed) == set(impls):

@@ -93,21 +93,33 @@ def test_kernel_shares_of_an_empty_profile_is_an_error():
                                 torch.device("cpu"))
 
 
-def test_profile_step_reports_the_last_of_its_profiled_steps(capsys):
+def _toy_steps(calls):
+    """A step whose second call runs matmuls, the others additions, each call taking 0.2 s
+    longer than the one before."""
     a = torch.randn(256, 256)
-    calls = []
 
-    def step():  # element-wise work only, but for the last call: a matmul
+    def step():
         calls.append(1)
-        if len(calls) == 3:
-            return [torch.mm(a, a) for _ in range(20)]
-        return [a + a for _ in range(20)]
+        time.sleep(0.2 * (len(calls) - 1))
+        return [torch.mm(a, a) if len(calls) == 2 else a + a for _ in range(20)]
+    return step
 
-    shares, profiled = benchmark.profile_step(step, torch.device("cpu"), "toy", warmup=2)
+
+def test_profile_step_reports_the_step_nearest_the_timed_median(capsys):
+    calls = []
+    shares, profiled = benchmark.profile_step(_toy_steps(calls), torch.device("cpu"), "toy",
+                                              typical_seconds=0.21, steps=3)
     assert len(calls) == 3
     assert shares["matmul"] > 0.9 and shares["kernels"] == pytest.approx(1 - shares["other"])
-    assert profiled["seconds"] > 0 and profiled["faulted_mib"] >= 0
-    assert "after 2 profiled before it" in capsys.readouterr().out
+    assert profiled["seconds"] == profiled["all_seconds"][1] and len(profiled["all_seconds"]) == 3
+    assert profiled["all_seconds"][0] < 0.2 < profiled["all_seconds"][1] < 0.4 < profiled["all_seconds"][2]
+    assert all(mib >= 0 for mib in profiled["all_faulted_mib"])
+    assert "profiled step 2 of 3" in capsys.readouterr().out
+
+
+def test_profile_step_without_a_timed_median_reports_the_last():
+    shares, profiled = benchmark.profile_step(_toy_steps([]), torch.device("cpu"), "toy", steps=3)
+    assert shares["matmul"] == 0 and profiled["seconds"] == profiled["all_seconds"][2]
 
 
 def test_fp16_on_cpu_is_refused():
