@@ -426,9 +426,9 @@ def kernel_shares(events, device: torch.device) -> Dict[str, float]:
 # operator on the heap while a step runs; where those records land between the step's freed
 # tensors, glibc grows its heap around them and the step page-faults the difference in, which
 # slows the memory-bound operators most. Profiled SVT-S fp32 training steps at batch 32 faulted
-# in 10-320 MiB and ran from as fast as unprofiled steps (0 MiB) to 20% slower, differently
-# from step to step, the first steps of a process faulting most; our inference steps were not
-# affected. Of several, the one nearest the timed median describes the steps that were timed.
+# in 0-380 MiB and ran from as fast as unprofiled steps (which fault nothing) to 23% slower,
+# differently from step to step; our inference steps were not affected (docs/throughput.md,
+# "The profiled step"). Of several, the one nearest the timed median describes the timed steps.
 PROFILED_STEPS = 4
 
 
@@ -439,6 +439,8 @@ def profile_step(step: Callable, device: torch.device, label: str,
     `typical_seconds` (the median of the timed steps; without it, the last): print its top ops
     by self time and return its kernel-time shares and {"seconds", "faulted_mib"} of it, with
     every profiled step's seconds and MiB faulted in "all_seconds" and "all_faulted_mib"."""
+    if steps < 1:
+        raise ValueError(f"profile_step needs at least one step to profile, got steps={steps}")
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     times: List[Tuple[float, float]] = []
