@@ -93,7 +93,7 @@ def test_kernel_shares_of_an_empty_profile_is_an_error():
                                 torch.device("cpu"))
 
 
-def _toy_steps(calls):
+def _toy_step(calls):
     """A step whose second call runs matmuls, the others additions, each call taking 0.2 s
     longer than the one before."""
     a = torch.randn(256, 256)
@@ -107,7 +107,7 @@ def _toy_steps(calls):
 
 def test_profile_step_reports_the_step_nearest_the_timed_median(capsys):
     calls = []
-    shares, profiled = benchmark.profile_step(_toy_steps(calls), torch.device("cpu"), "toy",
+    shares, profiled = benchmark.profile_step(_toy_step(calls), torch.device("cpu"), "toy",
                                               typical_seconds=0.21, steps=3)
     assert len(calls) == 3
     assert shares["matmul"] > 0.9 and shares["kernels"] == pytest.approx(1 - shares["other"])
@@ -118,7 +118,7 @@ def test_profile_step_reports_the_step_nearest_the_timed_median(capsys):
 
 
 def test_profile_step_without_a_timed_median_reports_the_last():
-    shares, profiled = benchmark.profile_step(_toy_steps([]), torch.device("cpu"), "toy", steps=3)
+    shares, profiled = benchmark.profile_step(_toy_step([]), torch.device("cpu"), "toy", steps=3)
     assert shares["matmul"] == 0 and profiled["seconds"] == profiled["all_seconds"][2]
 
 
