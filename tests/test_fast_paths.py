@@ -139,6 +139,36 @@ def test_global_subsampled_attention(precision, size, sr_ratio):
     assert_matches(run(m, precision, x, size), run(reference_gsa, precision, m, x, size), precision)
 
 
+def test_attention_backward_chunks_are_bounded_in_elements():
+    assert kernels.attention_backward_rows(256) == kernels.ATTENTION_BACKWARD_ELEMENTS // 256
+    assert kernels.attention_backward_rows(8) == kernels.CHUNK_ROWS  # capped by the token chunk
+    assert kernels.attention_backward_rows(10 ** 9) == 1
+
+
+@pytest.mark.parametrize("kind, calls", [("lsa", 6), ("gsa", 9)])
+def test_attention_backward_in_element_bounded_chunks_equals_reference(kind, calls, monkeypatch):
+    """The attention backward split by its element bound (not CHUNK_ROWS, left as it is):
+    32 query tokens of 12 channels a chunk, so 2 windows of 16 tokens (LSA, 12 windows), or a
+    third of an image's 96 tokens (GSA, 3 images), per call of the flash backward."""
+    monkeypatch.setattr(kernels, "ATTENTION_BACKWARD_ELEMENTS", 32 * 12)
+    flash_backward, seen = kernels._flash_backward, []
+
+    def counted(*args):
+        seen.append(args[1].shape)
+        return flash_backward(*args)
+
+    monkeypatch.setattr(kernels, "_flash_backward", counted)
+    if kind == "lsa":
+        m, reference = LocallyGroupedAttention(dim=12, num_heads=3, window_size=4), reference_lsa
+        x = torch.randn(2, 96, 12, requires_grad=True)
+    else:
+        m, reference = GlobalSubsampledAttention(dim=12, num_heads=2, sr_ratio=2), reference_gsa
+        x = torch.randn(3, 96, 12, requires_grad=True)
+    params = [x] + list(m.parameters())
+    assert_outputs_and_gradients_match(m(x, (8, 12)), reference(m, x, (8, 12)), params)
+    assert len(seen) == calls, seen
+
+
 @pytest.fixture(params=[2048, 5], ids=["one-chunk", "chunks-of-5"])
 def chunk_rows(request, monkeypatch):
     """Run a test with the default chunk size and with tiny chunks (several, the last partial)."""
