@@ -67,8 +67,9 @@ CHUNK_ROWS = 8192
 # take about 32 bytes per element: 4 MiB a chunk, where CHUNK_ROWS tokens of 256 channels
 # took 64 MiB, more than the L3 cache (32 MiB on the Zen 4 EPYC). Against chunks of CHUNK_ROWS
 # tokens, SVT-S's attention backward at batch 32 took 176 ms instead of 211 (window) and 174
-# instead of 182 (GSA) per bf16 step, and 198 against 208 and 247 against 249 in fp32 (Zen 4,
-# kernels timed alternately).
+# instead of 182 (GSA) per bf16 step (Zen 4, kernels timed alternately). In fp32, where the
+# operands are views rather than cast copies, no gain: 198-218 ms against 208-210 (window),
+# 247-299 against 249-303 (GSA), within the spread of the runs.
 ATTENTION_BACKWARD_ELEMENTS = 2 ** 17
 
 
