@@ -62,19 +62,21 @@ _CPU_NATIVE = {torch.bfloat16: _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supp
 # and bf16).
 CHUNK_ROWS = 8192
 
-# Query elements (tokens x channels) per chunk of the attention backward, at most. The fp32
-# flash backward's operands (cast from bf16 in bf16 training) and the gradients it returns
-# take about 32 bytes per element: 4 MiB a chunk, where CHUNK_ROWS tokens of 256 channels
-# took 64 MiB, more than the L3 cache (32 MiB on the Zen 4 EPYC). Against chunks of CHUNK_ROWS
-# tokens, SVT-S's attention backward at batch 32 took 176 ms instead of 211 (window) and 174
-# instead of 182 (GSA) per bf16 step (Zen 4, kernels timed alternately). In fp32, where the
-# operands are views rather than cast copies, no gain: 198-218 ms against 208-210 (window),
-# 247-299 against 249-303 (GSA), within the spread of the runs.
+# Query elements (tokens x channels) per chunk of the window attention backward, at most. The
+# fp32 flash backward's operands (cast from bf16 in bf16 training) and the gradients it returns
+# take about 32 bytes per element: 4 MiB a chunk, where CHUNK_ROWS tokens of 256 channels took
+# 64 MiB, more than the L3 cache (32 MiB on the Zen 4 EPYC). Against chunks of CHUNK_ROWS
+# tokens, SVT-S's window attention backward at batch 32 took 176 ms instead of 211 per bf16
+# step (Zen 4, kernels timed alternately); in fp32, where the operands are views rather than
+# cast copies, 198-218 ms against 208-210, within the spread of the runs. The global
+# attention's backward keeps chunks of CHUNK_ROWS tokens: there a chunk holds few (image,
+# head) pairs, the flash kernel's unit of parallel work, and PCPVT-S's (one or two heads in
+# the first stages) took 448 ms instead of 367 per bf16 step in chunks bounded so.
 ATTENTION_BACKWARD_ELEMENTS = 2 ** 17
 
 
 def attention_backward_rows(channels: int) -> int:
-    """Query tokens per chunk of the attention backward for queries of `channels` channels."""
+    """Query tokens per chunk of the window attention backward for `channels` channels."""
     return max(1, min(CHUNK_ROWS, ATTENTION_BACKWARD_ELEMENTS // channels))
 
 
@@ -811,7 +813,7 @@ def query_chunk_attention_train_backward(
     grad_q = reusable_empty(x.shape, x, reuse=reuse)
     grad_k, grad_v = torch.zeros_like(k, dtype=f32), torch.zeros_like(v, dtype=f32)
     k32, v32 = k.float(), v.float()  # once, not per chunk, for the fp32 backward kernel
-    for b0, b1, t0, t1 in query_chunk_ranges(B, N, attention_backward_rows(C)):
+    for b0, b1, t0, t1 in query_chunk_ranges(B, N):
         dq, dk, dv = _flash_backward(
             _heads(grad_out[b0:b1, t0:t1], heads), _heads(q[b0:b1, t0:t1], heads),
             k32[b0:b1], v32[b0:b1], _heads(out[b0:b1, t0:t1], heads),
@@ -855,14 +857,13 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(n, tokens, heads, C // heads).transpose(1, 2)
 
 
-def query_chunk_ranges(B: int, N: int, rows: Optional[int] = None
-                       ) -> Iterator[Tuple[int, int, int, int]]:
-    """(b0, b1, t0, t1) of chunks of about `rows` (default CHUNK_ROWS) query tokens: whole
-    images, or a range of one image's tokens."""
-    rows = rows or CHUNK_ROWS
-    per_chunk = max(1, rows // N)  # images per chunk
+def query_chunk_ranges(B: int, N: int) -> Iterator[Tuple[int, int, int, int]]:
+    """(b0, b1, t0, t1) of chunks of about CHUNK_ROWS query tokens: whole images, or a range
+    of one image's tokens."""
+    rows = min(N, CHUNK_ROWS)  # query tokens per chunk within an image
+    per_chunk = max(1, CHUNK_ROWS // N)  # images per chunk
     for b0, b1 in chunks(B, per_chunk):
-        for t0, t1 in chunks(N, min(N, rows)):
+        for t0, t1 in chunks(N, rows):
             yield b0, b1, t0, t1
 
 
