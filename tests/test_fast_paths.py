@@ -150,18 +150,12 @@ def test_window_attention_backward_in_element_bounded_chunks_equals_reference(mo
     is): 32 query tokens of 12 channels a chunk, so 2 of the 12 windows of 16 tokens per call
     of the flash backward."""
     monkeypatch.setattr(kernels, "ATTENTION_BACKWARD_ELEMENTS", 32 * 12)
-    flash_backward, seen = kernels._flash_backward, []
-
-    def counted(*args):
-        seen.append(args[1].shape)
-        return flash_backward(*args)
-
-    monkeypatch.setattr(kernels, "_flash_backward", counted)
+    seen = count_flash_backward_images(monkeypatch)
     m = LocallyGroupedAttention(dim=12, num_heads=3, window_size=4)
     x = torch.randn(2, 96, 12, requires_grad=True)
     params = [x] + list(m.parameters())
     assert_outputs_and_gradients_match(m(x, (8, 12)), reference_lsa(m, x, (8, 12)), params)
-    assert [shape[0] for shape in seen] == [2] * 6, seen
+    assert seen == [2] * 6, seen
 
 
 @pytest.fixture(params=[2048, 5], ids=["one-chunk", "chunks-of-5"])

@@ -69,10 +69,10 @@ CHUNK_ROWS = 8192
 # tokens, SVT-S's window attention backward at batch 32 took 176 ms instead of 211 per bf16
 # step (Zen 4, kernels timed alternately), and whole bf16 steps 1.011x as fast (paired median,
 # alternating in one process); in fp32, where the operands are views rather than cast copies,
-# 198-218 ms against 208-210, and whole steps 1.005x: no gain. The global
-# attention's backward keeps chunks of CHUNK_ROWS tokens: there a chunk holds few (image,
-# head) pairs, the flash kernel's unit of parallel work, and PCPVT-S's (one or two heads in
-# the first stages) took 448 ms instead of 367 per bf16 step in chunks bounded so.
+# 198-218 ms against 208-210, and whole steps 1.005x: no gain. The global attention's backward
+# keeps chunks of CHUNK_ROWS tokens: there a chunk holds few (image, head) pairs, the flash
+# kernel's unit of parallel work, and PCPVT-S's (one or two heads in the first stages) took
+# 448 ms instead of 367 per bf16 step in chunks bounded so.
 ATTENTION_BACKWARD_ELEMENTS = 2 ** 17
 
 
