@@ -412,6 +412,7 @@ def test_run_config_times_only_the_implementations_asked(monkeypatch):
 
 @pytest.mark.parametrize("compare, names, measured", [
     ("attention", ["flash", "native"], ["attention ops"]),
+    ("attention-bf16", ["flash", "native"], ["attention ops"]),
     ("emulated-bf16", ["plain", "branches"], ["all ops", "kernels"]),
     ("pool", ["fresh", "pooled"], ["all ops", "kernels"])])
 def test_inference_ab_tool_times_both_settings(compare, names, measured):
@@ -422,8 +423,9 @@ def test_inference_ab_tool_times_both_settings(compare, names, measured):
                           compare, "--model", "alt_gvt_micro", "--img-size", "56",
                           "--batch-size", "2", "--rounds", "2", "--profile"],
                          check=True, text=True, capture_output=True, timeout=300).stdout
-    lines = [line for line in out.splitlines() if not line.startswith("native kernels ")]
-    precision = "bf16 (emulated)" if compare == "emulated-bf16" else "fp32"
+    lines = [line for line in out.splitlines()
+             if not line.startswith(("native kernels ", "this CPU has AMX"))]
+    precision = {"emulated-bf16": "bf16 (emulated)", "attention-bf16": "bf16"}.get(compare, "fp32")
     assert lines[0].startswith(f"alt_gvt_micro inference {precision}, batch 2, 56px, "
                                "2 alternating rounds")
     for name, line in zip(names, lines[1:3]):

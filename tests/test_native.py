@@ -259,6 +259,26 @@ def test_attention_matches_float64(B, H, L, keys, D):
     torch.testing.assert_close(out, sdpa, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("B, H, L, keys, D", [
+    (2, 3, 13, 49, 32),   # a 7 x 7 window
+    (1, 2, 5, 7, 12),     # head channels past the last whole vector of bf16 and of fp32
+    (2, 2, 600, 17, 16),  # several blocks of queries per head, the last one short
+    (1, 3, 530, 33, 40),  # query blocks reusing their head's converted keys and values
+], ids=["window", "tails", "query-blocks", "33-keys"])
+def test_bf16_attention_is_the_fp32_kernel_rounded_once(B, H, L, keys, D):
+    """bf16 operands: exactly the fp32 kernel's output on the same (bf16-valued) operands,
+    rounded to bf16 once; so within one bf16 rounding of exact attention."""
+    ops = native_ops()
+    q, k, v = (t.bfloat16() for t in token_major_qkv(B, H, L, keys, D))
+    out = torch.full((B, L, H, D), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
+    ops.attention_(q, k, v, out)
+    in_fp32 = torch.empty(B, L, H, D).transpose(1, 2)
+    ops.attention_(q.float(), k.float(), v.float(), in_fp32)
+    assert torch.equal(out, in_fp32.bfloat16())
+    want = exact_attention(q, k, v)
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=2 ** -8)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_attention_gives_nan_where_exact_softmax_does(bad):
     """A query row with a NaN or infinite entry has a NaN output row (its scores' softmax is
@@ -289,8 +309,10 @@ def test_attention_rejects_what_it_does_not_handle():
     many = token_major_qkv(1, 1, 3, 65, 8)
     with pytest.raises(RuntimeError, match="handles up to 64 keys, not 65"):
         ops.attention_(*many, torch.empty_like(many[0]))
-    with pytest.raises(RuntimeError, match="4-D fp32 CPU tensors"):
+    with pytest.raises(RuntimeError, match="4-D CPU tensors of one dtype"):
         ops.attention_(q.bfloat16(), k, v, out)
+    with pytest.raises(RuntimeError, match="takes fp32 or bf16 tensors, not Half"):
+        ops.attention_(*(t.half() for t in (q, k, v, out)))
     with pytest.raises(RuntimeError, match="unit stride along the last dimension"):
         ops.attention_(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, out)
     with pytest.raises(RuntimeError, match="do not match"):
@@ -299,11 +321,15 @@ def test_attention_rejects_what_it_does_not_handle():
         ops.attention_(q, k, v, out[:, :, :4])
 
 
-def test_inference_attention_takes_the_native_kernel_for_few_keys(monkeypatch):
-    """`kernels.attend`: the native kernel for fp32 with up to NATIVE_ATTENTION_KEYS keys,
-    SDPA otherwise (more keys, bf16, no native kernels), the same attention either way."""
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-native", "bf16-sdpa"])
+def test_inference_attention_takes_the_native_kernel_for_few_keys(native_bf16, monkeypatch):
+    """`kernels.attend`: the native kernel for the dtypes of NATIVE_ATTENTION_DTYPES (fp32, and
+    bf16 on CPUs without AMX) with up to NATIVE_ATTENTION_KEYS keys, SDPA otherwise (more keys,
+    other dtypes, no native kernels), the same attention either way."""
     counting = _Counting(native_ops())
     monkeypatch.setattr(native, "ops", lambda: counting)
+    monkeypatch.setattr(kernels, "NATIVE_ATTENTION_DTYPES",
+                        (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))
     few = token_major_qkv(2, 2, 11, kernels.NATIVE_ATTENTION_KEYS, 32)
     many = token_major_qkv(2, 2, 11, kernels.NATIVE_ATTENTION_KEYS + 1, 32)
     with torch.inference_mode():
@@ -313,11 +339,21 @@ def test_inference_attention_takes_the_native_kernel_for_few_keys(monkeypatch):
         torch.testing.assert_close(got.double(), exact_attention(*few), atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(kernels.attend(*many, "test.attn").double(),
                                    exact_attention(*many), atol=2e-6, rtol=1e-5)
+        assert counting.calls == {"attention_": 1}  # more keys: SDPA
         bf16 = kernels.attend(*(t.bfloat16() for t in few), "test.attn")
-        assert bf16.dtype == torch.bfloat16
-        assert counting.calls == {"attention_": 1}  # neither took the native kernel
+        assert bf16.dtype == torch.bfloat16 and bf16.transpose(1, 2).is_contiguous()
+        assert counting.calls == {"attention_": 2 if native_bf16 else 1}
+        torch.testing.assert_close(bf16.double(), exact_attention(*few), atol=1e-2, rtol=2 ** -7)
+        kernels.attend(*(t.half() for t in few), "test.attn")
+        assert counting.calls == {"attention_": 2 if native_bf16 else 1}  # fp16: SDPA
         monkeypatch.setattr(native, "ops", lambda: None)
         torch.testing.assert_close(kernels.attend(*few, "test.attn"), got, atol=2e-6, rtol=1e-5)
+
+
+def test_native_bf16_attention_only_without_amx():
+    """bf16 attention at inference takes the native kernel only on CPUs without AMX tiles."""
+    assert torch.float32 in kernels.NATIVE_ATTENTION_DTYPES
+    assert (torch.bfloat16 in kernels.NATIVE_ATTENTION_DTYPES) != torch.cpu._is_amx_tile_supported()
 
 
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])
@@ -421,6 +457,11 @@ for L, keys, D in [(13, 49, 32), (5, 7, 12), (530, 64, 40), (9, 17, 16), (3, 1, 
     ops.attention_(q, k, v, out)
     want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / D ** 0.5, -1) @ v.double()
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    # bf16 operands (16 per AVX2 vector): the fp32 kernel's output rounded once.
+    out16 = torch.empty(2, L, 3, D, dtype=torch.bfloat16).transpose(1, 2)
+    ops.attention_(q.bfloat16(), k.bfloat16(), v.bfloat16(), out16)
+    ops.attention_(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), out)
+    assert torch.equal(out16, out.bfloat16())
 q = torch.randn(2, 13, 3, 32).transpose(1, 2)
 k, v = torch.randn(2, 2, 49, 3, 32).transpose(2, 3).unbind(0)
 out = torch.empty(2, 13, 3, 32).transpose(1, 2)

@@ -3,6 +3,8 @@
 --compare attention (fp32): PyTorch's flash kernel everywhere ("flash":
 `NATIVE_ATTENTION_KEYS` 0) against the native few-key attention kernel of `twins/native.cpp`
 ("native", the default setting).
+--compare attention-bf16: the same under bf16 autocast, where the native kernel takes bf16
+operands on CPUs without AMX (`NATIVE_ATTENTION_DTYPES`).
 --compare emulated-bf16: bf16 autocast computed in fp32 on bf16-rounded operands, as on CPUs
 without bf16 instructions (forced here on any CPU): the plain modules ("plain") against the
 chunked residual branches ("branches", the default setting).
@@ -18,6 +20,7 @@ kernels and in all operators (emulated-bf16):
 
     python tools/inference_ab.py --model alt_gvt_small --rounds 12
     python tools/inference_ab.py --model pcpvt_small_v0 --rounds 4 --profile
+    python tools/inference_ab.py --compare attention-bf16 --model alt_gvt_base --rounds 8
     python tools/inference_ab.py --compare emulated-bf16 --model alt_gvt_small --rounds 8
     python tools/inference_ab.py --compare pool --model alt_gvt_base --rounds 8
 """
@@ -48,6 +51,15 @@ def attention_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Option
     return ("flash", "native"), use, None
 
 
+def attention_bf16_settings() -> Tuple[Tuple[str, str], Callable[[str], None],
+                                       Optional[torch.dtype]]:
+    """The same for --compare attention-bf16."""
+    if torch.bfloat16 not in kernels.NATIVE_ATTENTION_DTYPES:
+        print("this CPU has AMX: bf16 attention runs PyTorch's flash kernel in both settings")
+    names, use, _ = attention_settings()
+    return names, use, torch.bfloat16
+
+
 def emulated_bf16_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Optional[torch.dtype]]:
     """The same for --compare emulated-bf16. The plain setting is the branches' condition with
     emulated autocast excluded, as it was before they took it."""
@@ -69,8 +81,8 @@ def pool_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Optional[to
     return ("fresh", "pooled"), use, None
 
 
-SETTINGS = {"attention": attention_settings, "emulated-bf16": emulated_bf16_settings,
-            "pool": pool_settings}
+SETTINGS = {"attention": attention_settings, "attention-bf16": attention_bf16_settings,
+            "emulated-bf16": emulated_bf16_settings, "pool": pool_settings}
 
 
 def profiled_ms(prof, compare: str) -> Dict[str, float]:
@@ -79,7 +91,7 @@ def profiled_ms(prof, compare: str) -> Dict[str, float]:
     times: Dict[str, float] = {}
     for event in prof.key_averages():
         category = kernel_category(event.key)
-        if compare == "attention":
+        if compare.startswith("attention"):
             keys = ["attention ops"] if category == "attention" else []
         else:
             keys = ["all ops"] + (["kernels"] if category != "other" else [])
@@ -118,7 +130,8 @@ def main() -> None:
                 profiled[name].append(profiled_ms(profiling, args.compare))
     use(names[1])
     ratios = sorted(b / a for a, b in zip(speed[names[0]], speed[names[1]]))
-    precision = "fp32" if amp_dtype is None else "bf16 (emulated)"
+    precision = ("fp32" if amp_dtype is None
+                 else "bf16 (emulated)" if args.compare == "emulated-bf16" else "bf16")
     print(f"{args.model} inference {precision}, batch {args.batch_size}, {args.img_size}px, "
           f"{args.rounds} alternating rounds{' (profiled)' if args.profile else ''}:")
     for name in names:

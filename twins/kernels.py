@@ -1088,14 +1088,26 @@ def _(x, *args) -> None:
 # alternating micro-benchmarks); the kernel now takes at most 64.
 NATIVE_ATTENTION_KEYS = 64
 
+# The dtypes the native kernel takes at inference. bf16 operands it converts to fp32 a task at
+# a time and it rounds its output back once, where PyTorch's bf16 flash kernel also rounds the
+# probabilities before multiplying them by v. On the Zen 4 EPYC (AVX512-BF16, no AMX) it ran
+# 1.25-1.6x as fast as that kernel on 49-key windows and on sub-sampled maps of up to 196
+# queries, level (0.95-1.06x) on maps of 784 and 3,136 queries. With AMX, PyTorch's bf16
+# kernel may run its products on AMX tiles (oneDNN's brgemm); not measured against this one on
+# such a CPU, so there bf16 keeps PyTorch's kernel.
+NATIVE_ATTENTION_DTYPES = (torch.float32,) + (
+    () if torch.cpu._is_amx_tile_supported() else (torch.bfloat16,))
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: str) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v)` at inference, by the native kernel where it
-    applies (fp32, unit stride along the head channels, few keys); its output, like SDPA's on
-    the CPU, is laid out token-major, (B, L, heads, hd) in memory, here in the scratch buffer
-    `slot`. Shapes: q (B, heads, L, hd), k, v (B, heads, keys, hd) -> (B, heads, L, hd)."""
+    applies (`NATIVE_ATTENTION_DTYPES`, unit stride along the head channels, few keys); its
+    output, like SDPA's on the CPU, is laid out token-major, (B, L, heads, hd) in memory, here
+    in the scratch buffer `slot`. Shapes: q (B, heads, L, hd), k, v (B, heads, keys, hd) ->
+    (B, heads, L, hd)."""
     fused = None
-    if (q.dtype == k.dtype == v.dtype == torch.float32 and k.shape[-2] <= NATIVE_ATTENTION_KEYS
+    if (q.dtype == k.dtype == v.dtype and q.dtype in NATIVE_ATTENTION_DTYPES
+            and k.shape[-2] <= NATIVE_ATTENTION_KEYS
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
         fused = native.ops()
     if fused is None:

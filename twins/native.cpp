@@ -232,7 +232,8 @@ void layer_norm_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
 // buffer. With AVX-512's 32 vector registers the scores of a tile stay in registers from the
 // product through the softmax (up to 64 keys: 4 x 4 vectors); with AVX2's 16 they are stored a
 // few vectors at a time and the softmax reads them back. The exp is ATen's exp_u20, the one
-// PyTorch's own CPU flash attention takes.
+// PyTorch's own CPU flash attention takes. bf16 operands are converted to fp32 a task at a
+// time (queries, keys and values into small buffers) and the output rounded back once.
 // PyTorch's flash kernel works in blocks sized for long sequences; on 49 keys it took 1.2-1.4x
 // as long as this kernel's first form (SVT-S's window shapes, fp32, 2 threads), which stored
 // the scores with AVX-512 too and used Sleef's 1-ulp exp; that form took 1.08-1.38x as long as
@@ -340,9 +341,10 @@ inline float softmax_stored(float* row, int64_t ldt, int64_t keys, const Vec& sc
 // are one head's slice of each token's channels, strided, and the tiles waited on them (a
 // backward kernel of the same design, tried and removed, went from 0.9-1.3x PyTorch's speed to
 // 1.1-1.7x with these prefetches).
-inline void prefetch_rows(const float* p, int64_t ld, int64_t count, int64_t D) {
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t ld, int64_t count, int64_t D) {
   for (int64_t i = 0; i < count; ++i)
-    for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(p + i * ld + d);
+    for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(p + i * ld + d);
 }
 
 // kt (D, ldt) = k^T for k (keys, D), rows `ldk` apart, in 8 x 8 blocks; the columns past
@@ -475,51 +477,125 @@ void attend(const float* q, int64_t ldq, const float* k, int64_t ldk, const floa
 }
 
 // A (B, H, tokens, D) tensor's data, addressed by image and head: its rows are `ld` apart.
+template <typename T>
 struct Heads {
-  float* data;
+  T* data;
   int64_t s0, s1, ld;
   explicit Heads(const at::Tensor& t)
-      : data(t.data_ptr<float>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
-  float* rows(int64_t b, int64_t h) const { return data + b * s0 + h * s1; }
+      : data(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
+  T* rows(int64_t b, int64_t h) const { return data + b * s0 + h * s1; }
 };
 
-// out = softmax(q k^T / sqrt(D)) v for fp32 q (B, H, L, D), k and v (B, H, keys, D) and out
-// (B, H, L, D), each with unit stride along D and any other strides (token-major views).
-void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& out) {
-  const char* name = "twins_native::attention_";
-  for (const at::Tensor* t : {&q, &k, &v, &out}) {
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 &&
-                    t->stride(3) == 1,
-                name, " takes 4-D fp32 CPU tensors with unit stride along the last dimension");
+// `rows` rows of D values of T (`ld` apart) converted to fp32, dense, into dst (rows, D).
+template <typename T>
+void rows_to_float(const T* src, int64_t ld, int64_t rows, int64_t D, float* dst) {
+  constexpr int64_t step = at::vec::Vectorized<T>::size();  // two float vectors
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* from = src + i * ld;
+    float* to = dst + i * D;
+    int64_t d = 0;
+    for (; d + step <= D; d += step) {
+      const auto [low, high] =
+          at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(from + d));
+      low.store(to + d);
+      high.store(to + d + Vec::size());
+    }
+    for (; d < D; ++d) to[d] = static_cast<float>(from[d]);
   }
+}
+
+// The inverse: fp32 rows (rows, D), dense, rounded to T (to nearest, ties to even) into dst.
+template <typename T>
+void rows_from_float(const float* src, int64_t rows, int64_t D, T* dst, int64_t ld) {
+  constexpr int64_t step = at::vec::Vectorized<T>::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* from = src + i * D;
+    T* to = dst + i * ld;
+    int64_t d = 0;
+    for (; d + step <= D; d += step)
+      at::vec::convert_from_float<T>(Vec::loadu(from + d), Vec::loadu(from + d + Vec::size()))
+          .store(to + d);
+    for (; d < D; ++d) to[d] = static_cast<T>(from[d]);
+  }
+}
+
+// `attention_` for operands of type T. fp32 operands are read and written in place; bf16 ones
+// are converted per task into fp32 buffers (the task's queries, its head's keys and values)
+// and its output rounded back from one, so the arithmetic is the fp32 kernel's throughout.
+template <typename T>
+void attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out) {
+  constexpr bool kStaged = !std::is_same_v<T, float>;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), keys = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D &&
-                  out.sizes() == q.sizes() && keys > 0,
-              name, ": q, out (B, H, L, D) and k, v (B, H, keys, D) do not match");
-  TORCH_CHECK(keys <= kMaxKeys, name, " handles up to ", kMaxKeys, " keys, not ", keys);
   const int64_t W = Vec::size();
   const int64_t ldt = (keys + W - 1) / W * W;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const Heads Q(q), K(k), V(v), O(out);
+  const Heads<T> Q(q), K(k), V(v), O(out);
   // Tasks: an (image, head) and a block of its queries, so that a few long maps still give
-  // every thread work. A thread packs a head's keys at the first of its tasks for that head.
+  // every thread work. A thread packs a head's keys (and converts its values) at the first of
+  // its tasks for that head.
   const int64_t blocks = (L + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> kt(static_cast<size_t>(D * ldt)), s(static_cast<size_t>(kRows * ldt));
+    // Staged operands (bf16): queries and output (kQueryBlock, D), keys and values (keys, D).
+    std::vector<float> staged(kStaged ? static_cast<size_t>((2 * kQueryBlock + 2 * keys) * D)
+                                      : 0);
+    float* const qf = staged.data();
+    float* const of = qf + kQueryBlock * D;
+    float* const kf = of + kQueryBlock * D;
+    float* const vf = kf + keys * D;
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (H * blocks), h = task / blocks % H;
       const int64_t i0 = task % blocks * kQueryBlock, rows = std::min(kQueryBlock, L - i0);
+      const bool packed = i0 > 0 && task > first;
       if (task + 1 < last && (task + 1) % blocks == 0) {  // the next head's keys and values
         const int64_t nb = (task + 1) / (H * blocks), nh = (task + 1) / blocks % H;
         prefetch_rows(K.rows(nb, nh), K.ld, keys, D);
         prefetch_rows(V.rows(nb, nh), V.ld, keys, D);
       }
-      attend(Q.rows(b, h) + i0 * Q.ld, Q.ld, K.rows(b, h), K.ld, V.rows(b, h), V.ld,
-             O.rows(b, h) + i0 * O.ld, O.ld, rows, keys, D, ldt, scale,
-             /*packed=*/i0 > 0 && task > first, kt.data(), s.data());
+      if constexpr (kStaged) {
+        rows_to_float(Q.rows(b, h) + i0 * Q.ld, Q.ld, rows, D, qf);
+        if (!packed) {
+          rows_to_float(K.rows(b, h), K.ld, keys, D, kf);
+          rows_to_float(V.rows(b, h), V.ld, keys, D, vf);
+        }
+        attend(qf, D, kf, D, vf, D, of, D, rows, keys, D, ldt, scale, packed, kt.data(),
+               s.data());
+        rows_from_float(of, rows, D, O.rows(b, h) + i0 * O.ld, O.ld);
+      } else {
+        attend(Q.rows(b, h) + i0 * Q.ld, Q.ld, K.rows(b, h), K.ld, V.rows(b, h), V.ld,
+               O.rows(b, h) + i0 * O.ld, O.ld, rows, keys, D, ldt, scale, packed, kt.data(),
+               s.data());
+      }
     }
   });
+}
+
+// out = softmax(q k^T / sqrt(D)) v for q (B, H, L, D), k and v (B, H, keys, D) and out
+// (B, H, L, D), all fp32 or all bf16, each with unit stride along D and any other strides
+// (token-major views). bf16 is computed in fp32 (scores, softmax and products) and rounded
+// once, at the output.
+void attention_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& out) {
+  const char* name = "twins_native::attention_";
+  const at::ScalarType dtype = q.scalar_type();
+  for (const at::Tensor* t : {&q, &k, &v, &out}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype && t->dim() == 4 && t->stride(3) == 1,
+                name, " takes 4-D CPU tensors of one dtype with unit stride along the last "
+                "dimension");
+  }
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              name, " takes fp32 or bf16 tensors, not ", dtype);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), keys = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D &&
+                  out.sizes() == q.sizes() && keys > 0,
+              name, ": q, out (B, H, L, D) and k, v (B, H, keys, D) do not match");
+  TORCH_CHECK(keys <= kMaxKeys, name, " handles up to ", kMaxKeys, " keys, not ", keys);
+  if (dtype == at::kFloat) {
+    attention_of<float>(q, k, v, out);
+  } else {
+    attention_of<c10::BFloat16>(q, k, v, out);
+  }
 }
 
 }  // namespace
