@@ -354,6 +354,7 @@ def test_native_bf16_attention_only_without_amx():
     """bf16 attention at inference takes the native kernel only on CPUs without AMX tiles."""
     assert torch.float32 in kernels.NATIVE_ATTENTION_DTYPES
     assert (torch.bfloat16 in kernels.NATIVE_ATTENTION_DTYPES) != torch.cpu._is_amx_tile_supported()
+    assert kernels._AMX == torch.cpu._is_amx_tile_supported()
 
 
 @pytest.mark.parametrize("chunk_rows", [2048, 5], ids=["one-chunk", "chunks-of-5"])

@@ -1094,9 +1094,9 @@ NATIVE_ATTENTION_KEYS = 64
 # 1.25-1.6x as fast as that kernel on 49-key windows and on sub-sampled maps of up to 196
 # queries, level (0.95-1.06x) on maps of 784 and 3,136 queries. With AMX, PyTorch's bf16
 # kernel may run its products on AMX tiles (oneDNN's brgemm); not measured against this one on
-# such a CPU, so there bf16 keeps PyTorch's kernel.
-NATIVE_ATTENTION_DTYPES = (torch.float32,) + (
-    () if torch.cpu._is_amx_tile_supported() else (torch.bfloat16,))
+# such a CPU, so there bf16 keeps PyTorch's kernel (as it does where this PyTorch cannot tell).
+_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
+NATIVE_ATTENTION_DTYPES = (torch.float32,) + (() if _AMX else (torch.bfloat16,))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: str) -> torch.Tensor:
