@@ -540,10 +540,6 @@ void attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // Staged operands (bf16): queries and output (kQueryBlock, D), keys and values (keys, D).
     std::vector<float> staged(kStaged ? static_cast<size_t>((2 * kQueryBlock + 2 * keys) * D)
                                       : 0);
-    float* const qf = staged.data();
-    float* const of = qf + kQueryBlock * D;
-    float* const kf = of + kQueryBlock * D;
-    float* const vf = kf + keys * D;
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (H * blocks), h = task / blocks % H;
       const int64_t i0 = task % blocks * kQueryBlock, rows = std::min(kQueryBlock, L - i0);
@@ -554,6 +550,10 @@ void attention_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         prefetch_rows(V.rows(nb, nh), V.ld, keys, D);
       }
       if constexpr (kStaged) {
+        float* const qf = staged.data();
+        float* const of = qf + kQueryBlock * D;
+        float* const kf = of + kQueryBlock * D;
+        float* const vf = kf + keys * D;
         rows_to_float(Q.rows(b, h) + i0 * Q.ld, Q.ld, rows, D, qf);
         if (!packed) {
           rows_to_float(K.rows(b, h), K.ld, keys, D, kf);
