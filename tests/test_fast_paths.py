@@ -520,6 +520,41 @@ def test_residual_linear_into(in_place, with_bias, dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
+def ops_run(fn):
+    """The names of the operators fn runs (profiled on the CPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "sgemm"])
+@pytest.mark.parametrize("features", [(9, 4), (6, 6), (4, 9)], ids=["down", "square", "up"])
+def test_fp32_down_projections_run_onednn(features, onednn, chunk_rows, monkeypatch):
+    """linear_into, residual_linear_into and matmul_into (13 rows: several chunks of 5) equal
+    F.linear and mm whichever kernel runs; oneDNN's matmul runs exactly for fp32 down
+    projections (more input than output features) with the switch on, and sgemm for
+    outputs of `ALWAYS_MAPPED_BYTES` or more."""
+    monkeypatch.setattr(kernels, "ONEDNN_DOWN_PROJECTIONS", onednn)
+    k, n = features
+    x, weight, bias, residual = torch.randn(13, k), torch.randn(n, k), torch.randn(n), torch.randn(13, n)
+    want = F.linear(x, weight, bias)
+    out = torch.full((13, n), float("nan"))
+    calls = {"linear_into": lambda: kernels.linear_into(x, weight, bias, out),
+             "residual_linear_into": lambda: kernels.residual_linear_into(x, weight, bias, residual, out),
+             "matmul_into": lambda: kernels.matmul_into(x, weight.t(), out)}
+    wants = {"linear_into": want, "residual_linear_into": residual + want, "matmul_into": x @ weight.t()}
+    expect_onednn = onednn and k > n
+    for name, call in calls.items():
+        out.fill_(float("nan"))
+        ran = ops_run(call)
+        torch.testing.assert_close(out, wants[name], rtol=1e-6, atol=1e-5, msg=name)
+        assert ("mkldnn::_linear_pointwise" in ran) == expect_onednn, (name, ran)
+        assert (not ran & {"aten::mm", "aten::addmm", "aten::addmm_"}) == expect_onednn, (name, ran)
+    monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 5 * n * 4)  # a 5-row chunk's output
+    assert "mkldnn::_linear_pointwise" not in ops_run(calls["linear_into"])
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)
+
+
 def test_linear_gradients_equal_autograd():
     layer = torch.nn.Linear(6, 9)
     x = torch.randn(4, 5, 6, requires_grad=True)

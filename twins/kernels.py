@@ -17,9 +17,11 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
    (`benchmark.py` reports the memory each step faults in.)
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
-   torch.compile's CPU backend emits) adds the bias inside the matmul. (oneDNN can fuse the
-   exact-erf GELU too, but its erf epilogue is slower than a separate in-place GELU pass, and
-   in bf16 it rounds differently from autocast.)
+   torch.compile's CPU backend emits) adds the bias inside the matmul, and on the Zen 4 CPU
+   measured its fp32 matmul is faster than MKL's on down projections
+   (`_onednn_down_projection`). (oneDNN can fuse the exact-erf GELU too, but its erf epilogue
+   is slower than a separate in-place GELU pass, and in bf16 it rounds differently from
+   autocast.)
 3. Low precision depends on the CPU. With bf16 instructions (AVX512-BF16, AMX) the chunked
    kernels compute in bf16 (`compute_dtype`): the same bf16 matmuls autocast would run, on
    chunk-sized operands, with parameter gradients summed in fp32; the flash-attention backward
@@ -274,12 +276,45 @@ def _release_stale(pool: _Reusable) -> None:
 _MAX_SIZES = 1024  # sizes whose last call `_release_stale` keeps
 
 
+# Whether fp32 down projections run oneDNN's matmul (`_onednn_down_projection`; a switch for
+# tools/inference_ab.py --compare down-projection).
+ONEDNN_DOWN_PROJECTIONS = True
+
+
+def _onednn_down_projection(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the chunk product x W^T goes to oneDNN's matmul rather than MKL's sgemm (which
+    `addmm` and `mm` run): in fp32 on the CPU, for an output below `ALWAYS_MAPPED_BYTES`, with
+    more input than output features (fc2, and the input gradients of fc1 and of the q/k/v
+    projections). On SVT-S's and PCPVT-S's such shapes, in chunks of 8,192 rows, sgemm took
+    1.07-1.31x as long as oneDNN's matmul followed by the copy of its fresh output into place
+    (Zen 4, where MKL does not run its AVX-512 code); on the other shapes oneDNN was about as
+    fast, and up to 1.5x slower for wide outputs. Not measured on an Intel CPU."""
+    return (ONEDNN_DOWN_PROJECTIONS and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and _MKLDNN and weight.shape[1] > weight.shape[0]
+            and x.shape[0] * weight.shape[0] * x.element_size() < ALWAYS_MAPPED_BYTES)
+
+
 def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 out: torch.Tensor) -> torch.Tensor:
-    """out = x W^T (+ b) for 2-D x, written into the given buffer (no fresh allocation)."""
+    """out = x W^T (+ b) for 2-D x, written into the given buffer (no fresh allocation but,
+    for fp32 down projections, oneDNN's chunk-sized output: `_onednn_down_projection`)."""
+    if _onednn_down_projection(x, weight):
+        return out.copy_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b for 2-D a (M, K) and b (K, N): for a down projection (K > N) in fp32, by
+    `linear_into` in chunks of CHUNK_ROWS rows (the input gradients of fc1 and of the q/k/v
+    projections), else by one `mm`."""
+    if not _onednn_down_projection(a[:CHUNK_ROWS], b.t()):
+        return torch.mm(a, b, out=out)
+    b_t = b.t().contiguous()
+    for s, e in chunks(a.shape[0], CHUNK_ROWS):
+        linear_into(a[s:e], b_t, None, out[s:e])
+    return out
 
 
 def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -290,6 +325,9 @@ def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     or with `rounding` (emulated autocast), the branch is rounded to that dtype first, as
     `residual + layer(x)` under autocast."""
     if rounding is None and out.dtype == weight.dtype == residual.dtype:
+        if _onednn_down_projection(x, weight):  # fc2: bias and residual in oneDNN's epilogue
+            return out.copy_(torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight,
+                                                                       bias, "add"))
         # out = residual + b, then the matmul accumulates into it: one pass over the chunk
         # besides the matmul, where the bias copy and a residual add took two (fp32 inference
         # 1-2% faster, SVT-S/L and PCPVT-S). Only the order of the sums differs.
@@ -356,7 +394,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, weight, out=reusable_empty(x.shape, x, reuse=ctx.reuse))
+            grad_x = matmul_into(grad, weight, reusable_empty(x.shape, x, reuse=ctx.reuse))
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -512,7 +550,7 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
             grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
         accumulate_mm(grad_w2, dy.t(), g)
         accumulate_mm(grad_w1, dh.t(), x[s:e])
-        torch.mm(dh, w1, out=grad_x[s:e])
+        matmul_into(dh, w1, grad_x[s:e])
     return (grad_x,) + tuple(g.to(w1.dtype) for g in (grad_w1, grad_b1, grad_w2, grad_b2))
 
 
