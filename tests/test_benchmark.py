@@ -415,7 +415,7 @@ def test_run_config_times_only_the_implementations_asked(monkeypatch):
     ("attention-bf16", ["flash", "native"], ["attention ops"]),
     ("emulated-bf16", ["plain", "branches"], ["all ops", "kernels"]),
     ("pool", ["fresh", "pooled"], ["all ops", "kernels"]),
-    ("down-projection", ["sgemm", "onednn"], ["all ops", "kernels"])])
+    ("onednn", ["sgemm", "onednn"], ["all ops", "kernels"])])
 def test_inference_ab_tool_times_both_settings(compare, names, measured):
     """tools/inference_ab.py: each setting's steps, their ratio, and (profiled) the time in the
     operators it reports, which both settings run (7 x 7 windows: 56 pixels, stride 4 and 8)."""

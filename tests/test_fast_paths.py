@@ -529,30 +529,55 @@ def ops_run(fn):
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "sgemm"])
 @pytest.mark.parametrize("features", [(9, 4), (6, 6), (4, 9)], ids=["down", "square", "up"])
-def test_fp32_down_projections_run_onednn(features, onednn, chunk_rows, monkeypatch):
-    """linear_into, residual_linear_into and matmul_into (13 rows: several chunks of 5) equal
-    F.linear and mm whichever kernel runs; oneDNN's matmul runs exactly for fp32 down
-    projections (more input than output features) with the switch on, and sgemm for
-    outputs of `ALWAYS_MAPPED_BYTES` or more."""
-    monkeypatch.setattr(kernels, "ONEDNN_DOWN_PROJECTIONS", onednn)
+def test_fp32_chunk_matmuls_run_onednn_where_it_applies(features, onednn, chunk_rows,
+                                                        monkeypatch):
+    """linear_chunk, linear_into, residual_linear_into and matmul_into (13 rows: several chunks
+    of 5) equal F.linear and mm whichever kernel runs. With the switch on, oneDNN's matmul
+    runs for linear_chunk on every shape and for the others on down projections (more input
+    than output features), and sgemm for outputs of `ALWAYS_MAPPED_BYTES` or more."""
+    monkeypatch.setattr(kernels, "ONEDNN_MATMULS", onednn)
     k, n = features
     x, weight, bias, residual = torch.randn(13, k), torch.randn(n, k), torch.randn(n), torch.randn(13, n)
     want = F.linear(x, weight, bias)
     out = torch.full((13, n), float("nan"))
-    calls = {"linear_into": lambda: kernels.linear_into(x, weight, bias, out),
+    calls = {"linear_chunk": lambda: kernels.linear_chunk(x, weight, bias, out),
+             "linear_into": lambda: kernels.linear_into(x, weight, bias, out),
              "residual_linear_into": lambda: kernels.residual_linear_into(x, weight, bias, residual, out),
              "matmul_into": lambda: kernels.matmul_into(x, weight.t(), out)}
-    wants = {"linear_into": want, "residual_linear_into": residual + want, "matmul_into": x @ weight.t()}
-    expect_onednn = onednn and k > n
+    wants = {"linear_chunk": want, "linear_into": want, "residual_linear_into": residual + want,
+             "matmul_into": x @ weight.t()}
     for name, call in calls.items():
         out.fill_(float("nan"))
-        ran = ops_run(call)
-        torch.testing.assert_close(out, wants[name], rtol=1e-6, atol=1e-5, msg=name)
+        got = []
+        ran = ops_run(lambda: got.append(call()))
+        expect_onednn = onednn and (k > n or name == "linear_chunk")
+        # linear_into & co. write into out; linear_chunk returns oneDNN's own output instead
+        assert (got[0].data_ptr() == out.data_ptr()) != (name == "linear_chunk" and expect_onednn)
+        torch.testing.assert_close(got[0], wants[name], rtol=1e-6, atol=1e-5, msg=name)
         assert ("mkldnn::_linear_pointwise" in ran) == expect_onednn, (name, ran)
         assert (not ran & {"aten::mm", "aten::addmm", "aten::addmm_"}) == expect_onednn, (name, ran)
-    monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 5 * n * 4)  # a 5-row chunk's output
-    assert "mkldnn::_linear_pointwise" not in ops_run(calls["linear_into"])
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)
+    monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 13 * n * 4)  # this output's bytes
+    for name in ("linear_chunk", "linear_into"):
+        out.fill_(float("nan"))
+        assert "mkldnn::_linear_pointwise" not in ops_run(calls[name]), name
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "sgemm"])
+def test_inference_mlp_fc1_runs_onednn(onednn, chunk_rows, monkeypatch):
+    """The inference MLP's fc1 takes oneDNN's output (fp32): the chunked MLP equals the plain
+    one, and runs oneDNN's matmul for fc1 (4 -> 16) and fc2 (16 -> 4) exactly with the switch on."""
+    monkeypatch.setattr(kernels, "ONEDNN_MATMULS", onednn)
+    m = Mlp(4, 16).eval()
+    x = torch.randn(3, 13, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.inference_mode():
+            got = kernels.mlp(x, m.fc1, m.fc2)
+    torch.testing.assert_close(got, reference_mlp(m, x), rtol=1e-5, atol=1e-5)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    chunks = -(-39 // min(chunk_rows, 39))
+    assert calls.get("mkldnn::_linear_pointwise", 0) == (2 * chunks if onednn else 0), calls
+    assert calls.get("aten::addmm", 0) == (0 if onednn else 2 * chunks), calls
 
 
 def test_linear_gradients_equal_autograd():

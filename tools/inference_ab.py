@@ -8,9 +8,8 @@ operands on CPUs without AMX (`NATIVE_ATTENTION_DTYPES`).
 --compare emulated-bf16: bf16 autocast computed in fp32 on bf16-rounded operands, as on CPUs
 without bf16 instructions (forced here on any CPU): the plain modules ("plain") against the
 chunked residual branches ("branches", the default setting).
---compare down-projection (fp32): the down projections (fc2, more input than output
-features) by MKL's sgemm ("sgemm") against oneDNN's matmul ("onednn", the default setting;
-`kernels.ONEDNN_DOWN_PROJECTIONS`).
+--compare onednn (fp32): the chunk matmuls by MKL's sgemm ("sgemm") against oneDNN's matmul
+where it applies (fc1 and fc2; "onednn", the default setting; `kernels.ONEDNN_MATMULS`).
 --compare pool (fp32): the full-size outputs of the residual branches, PEGs and patch
 embeddings allocated afresh ("fresh") against taken from the pool of reusable storages
 (`kernels.reusable_empty`; "pooled", the default setting).
@@ -26,7 +25,7 @@ kernels and in all operators (emulated-bf16):
     python tools/inference_ab.py --compare attention-bf16 --model alt_gvt_base --rounds 8
     python tools/inference_ab.py --compare emulated-bf16 --model alt_gvt_small --rounds 8
     python tools/inference_ab.py --compare pool --model alt_gvt_base --rounds 8
-    python tools/inference_ab.py --compare down-projection --model alt_gvt_small --rounds 12
+    python tools/inference_ab.py --compare onednn --model alt_gvt_small --rounds 12
 """
 import argparse
 import contextlib
@@ -85,22 +84,21 @@ def pool_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Optional[to
     return ("fresh", "pooled"), use, None
 
 
-def down_projection_settings() -> Tuple[Tuple[str, str], Callable[[str], None],
-                                         Optional[torch.dtype]]:
-    """The same for --compare down-projection."""
+def onednn_settings() -> Tuple[Tuple[str, str], Callable[[str], None], Optional[torch.dtype]]:
+    """The same for --compare onednn."""
     def use(name: str) -> None:
-        kernels.ONEDNN_DOWN_PROJECTIONS = name == "onednn"
+        kernels.ONEDNN_MATMULS = name == "onednn"
     return ("sgemm", "onednn"), use, None
 
 
 SETTINGS = {"attention": attention_settings, "attention-bf16": attention_bf16_settings,
             "emulated-bf16": emulated_bf16_settings, "pool": pool_settings,
-            "down-projection": down_projection_settings}
+            "onednn": onednn_settings}
 
 
 def profiled_ms(prof, compare: str) -> Dict[str, float]:
     """Milliseconds of a profiled step: in the attention operators (attention), or in the
-    kernels and in all operators (emulated-bf16, pool, down-projection)."""
+    kernels and in all operators (emulated-bf16, pool, onednn)."""
     times: Dict[str, float] = {}
     for event in prof.key_averages():
         category = kernel_category(event.key)

@@ -276,22 +276,39 @@ def _release_stale(pool: _Reusable) -> None:
 _MAX_SIZES = 1024  # sizes whose last call `_release_stale` keeps
 
 
-# Whether fp32 down projections run oneDNN's matmul (`_onednn_down_projection`; a switch for
-# tools/inference_ab.py --compare down-projection).
-ONEDNN_DOWN_PROJECTIONS = True
+# Whether fp32 chunk matmuls run oneDNN's matmul where it was measured faster than MKL's
+# sgemm (`_onednn_output`; a switch for tools/inference_ab.py --compare onednn).
+ONEDNN_MATMULS = True
+
+
+def _onednn_output(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T may run as oneDNN's matmul rather than MKL's sgemm (which `addmm` and
+    `mm` run): in fp32 on the CPU, for an output below `ALWAYS_MAPPED_BYTES`, which oneDNN
+    allocates and glibc then takes from its heap rather than from fresh pages. On SVT-S's and
+    PCPVT-S's shapes, in chunks of 8,192 rows (Zen 4, where MKL does not run its AVX-512 code),
+    sgemm took 1.0-1.14x as long as oneDNN's matmul, and 1.07-1.31x as long on the down
+    projections even with oneDNN's fresh output copied into place afterwards. Not measured on
+    an Intel CPU."""
+    return (ONEDNN_MATMULS and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and _MKLDNN
+            and x.shape[0] * weight.shape[0] * x.element_size() < ALWAYS_MAPPED_BYTES)
 
 
 def _onednn_down_projection(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the chunk product x W^T goes to oneDNN's matmul rather than MKL's sgemm (which
-    `addmm` and `mm` run): in fp32 on the CPU, for an output below `ALWAYS_MAPPED_BYTES`, with
-    more input than output features (fc2, and the input gradients of fc1 and of the q/k/v
-    projections). On SVT-S's and PCPVT-S's such shapes, in chunks of 8,192 rows, sgemm took
-    1.07-1.31x as long as oneDNN's matmul followed by the copy of its fresh output into place
-    (Zen 4, where MKL does not run its AVX-512 code); on the other shapes oneDNN was about as
-    fast, and up to 1.5x slower for wide outputs. Not measured on an Intel CPU."""
-    return (ONEDNN_DOWN_PROJECTIONS and x.dtype == weight.dtype == torch.float32
-            and x.device.type == "cpu" and _MKLDNN and weight.shape[1] > weight.shape[0]
-            and x.shape[0] * weight.shape[0] * x.element_size() < ALWAYS_MAPPED_BYTES)
+    """`_onednn_output` for more input than output features (fc2, and the input gradients of
+    fc1 and of the q/k/v projections), where oneDNN wins even with a copy of its output."""
+    return weight.shape[1] > weight.shape[0] and _onednn_output(x, weight)
+
+
+def linear_chunk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 buffer: torch.Tensor) -> torch.Tensor:
+    """x W^T (+ b) for a 2-D chunk whose result the caller reads and lets go: oneDNN's fresh
+    output where `_onednn_output` holds, else written into `buffer`. Taken by fc1 at inference
+    (whole fp32 steps 1.02-1.03x as fast for SVT-S and PCPVT-S, level for SVT-B); the q/k/v
+    projections there gained nothing measurable."""
+    if _onednn_output(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return linear_into(x, weight, bias, buffer)
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -445,7 +462,10 @@ def _mlp_chunks(x, w1, b1, w2, b2, out, pre=None, rounding=None, norm=None,
         h = pre[s:e] if pre is not None else hidden[:e - s]
         g = act[s:e] if act is not None else act_chunk[:e - s]
         xs = x[s:e] if norm is None else _normed(x[s:e], norm, rounding, "mlp.normed")
-        linear_into(cast_chunk(xs, w1), w1, b1, h)
+        if pre is None and act is None:  # inference: fc1's output is read by the GELU only
+            h = g = linear_chunk(cast_chunk(xs, w1), w1, b1, h)
+        else:
+            linear_into(cast_chunk(xs, w1), w1, b1, h)
         _round_(h, rounding)
         torch.ops.aten.gelu.out(h, out=g)
         _round_(g, rounding)
