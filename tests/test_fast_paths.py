@@ -564,20 +564,27 @@ def test_fp32_chunk_matmuls_run_onednn_where_it_applies(features, onednn, chunk_
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "sgemm"])
-def test_inference_mlp_fc1_runs_onednn(onednn, chunk_rows, monkeypatch):
-    """The inference MLP's fc1 takes oneDNN's output (fp32): the chunked MLP equals the plain
-    one, and runs oneDNN's matmul for fc1 (4 -> 16) and fc2 (16 -> 4) exactly with the switch on."""
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_mlp_chunk_matmuls_run_onednn(mode, onednn, chunk_rows, monkeypatch):
+    """The chunked MLP (fp32, 4 -> 16 -> 4) equals the plain one, values and gradients, and with
+    the switch on runs oneDNN's matmul per chunk for fc2 and, at inference, fc1; in training
+    also for the gradients of the GELU output and of the input. Off, none."""
     monkeypatch.setattr(kernels, "ONEDNN_MATMULS", onednn)
-    m = Mlp(4, 16).eval()
-    x = torch.randn(3, 13, 4)
+    m = Mlp(4, 16)
+    x = torch.randn(3, 13, 4, requires_grad=mode == "train")
+    grad = torch.randn(3, 13, 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        with torch.inference_mode():
+        with torch.inference_mode(mode == "inference"):
             got = kernels.mlp(x, m.fc1, m.fc2)
-    torch.testing.assert_close(got, reference_mlp(m, x), rtol=1e-5, atol=1e-5)
+            grads = torch.autograd.grad(got, (x, m.fc1.weight), grad) if mode == "train" else ()
+    want = reference_mlp(m, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, torch.autograd.grad(want, (x, m.fc1.weight), grad) if grads else ()):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     calls = {e.key: e.count for e in prof.key_averages()}
     chunks = -(-39 // min(chunk_rows, 39))
-    assert calls.get("mkldnn::_linear_pointwise", 0) == (2 * chunks if onednn else 0), calls
-    assert calls.get("aten::addmm", 0) == (0 if onednn else 2 * chunks), calls
+    per_chunk = {"inference": 2, "train": 3}[mode] if onednn else 0
+    assert calls.get("mkldnn::_linear_pointwise", 0) == per_chunk * chunks, calls
 
 
 def test_linear_gradients_equal_autograd():

@@ -304,8 +304,9 @@ def linear_chunk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  buffer: torch.Tensor) -> torch.Tensor:
     """x W^T (+ b) for a 2-D chunk whose result the caller reads and lets go: oneDNN's fresh
     output where `_onednn_output` holds, else written into `buffer`. Taken by fc1 at inference
-    (whole fp32 steps 1.02-1.03x as fast for SVT-S and PCPVT-S, level for SVT-B); the q/k/v
-    projections there gained nothing measurable."""
+    (whole fp32 steps 1.02-1.03x as fast for SVT-S and PCPVT-S, level for SVT-B) and by the MLP
+    backward for the gradient of the GELU output (fp32 training steps 1.01x and 1.02x); the
+    q/k/v projections at inference gained nothing measurable and keep sgemm."""
     if _onednn_output(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return linear_into(x, weight, bias, buffer)
@@ -556,9 +557,10 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
     # There one native pass (if built) recomputes it, turns dh into the gradient of fc1's
     # output and sums that into grad_b1, where PyTorch takes three.
     fused = native.ops() if recompute and rounding is None else None
+    w2_t = w2.t().contiguous()  # (H, C_out): dy @ w2 as a linear, for `linear_chunk`
     for s, e in chunks(M, CHUNK_ROWS):
-        dh, dy = grad_h[:e - s], grad_out[s:e]
-        torch.mm(dy, w2, out=dh)  # gradient of the GELU output
+        dy = grad_out[s:e]
+        dh = linear_chunk(dy, w2_t, None, grad_h[:e - s])  # gradient of the GELU output
         g = scratch("mlp.act", e - s, H, x) if recompute else act[s:e]
         if fused is not None:
             fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
