@@ -534,8 +534,11 @@ def test_fp32_chunk_matmuls_run_onednn_where_it_applies(features, onednn, chunk_
     """linear_chunk, linear_into, residual_linear_into and matmul_into (13 rows: several chunks
     of 5) equal F.linear and mm whichever kernel runs. With the switch on, oneDNN's matmul
     runs for linear_chunk on every shape and for the others on down projections (more input
-    than output features), and sgemm for outputs of `ALWAYS_MAPPED_BYTES` or more."""
+    than output features), and sgemm for outputs of `ALWAYS_MAPPED_BYTES` or more. Each of
+    oneDNN's fresh outputs is followed by holding glibc's heap at its top."""
     monkeypatch.setattr(kernels, "ONEDNN_MATMULS", onednn)
+    held = []
+    monkeypatch.setattr(kernels.host_memory, "hold_heap_top", lambda: held.append(1) or True)
     k, n = features
     x, weight, bias, residual = torch.randn(13, k), torch.randn(n, k), torch.randn(n), torch.randn(13, n)
     want = F.linear(x, weight, bias)
@@ -549,12 +552,14 @@ def test_fp32_chunk_matmuls_run_onednn_where_it_applies(features, onednn, chunk_
     for name, call in calls.items():
         out.fill_(float("nan"))
         got = []
+        held.clear()
         ran = ops_run(lambda: got.append(call()))
         expect_onednn = onednn and (k > n or name == "linear_chunk")
         # linear_into & co. write into out; linear_chunk returns oneDNN's own output instead
         assert (got[0].data_ptr() == out.data_ptr()) != (name == "linear_chunk" and expect_onednn)
         torch.testing.assert_close(got[0], wants[name], rtol=1e-6, atol=1e-5, msg=name)
         assert ("mkldnn::_linear_pointwise" in ran) == expect_onednn, (name, ran)
+        assert len(held) == (-(-13 // chunk_rows) if name == "matmul_into" else 1) * expect_onednn
         assert (not ran & {"aten::mm", "aten::addmm", "aten::addmm_"}) == expect_onednn, (name, ran)
     monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 13 * n * 4)  # this output's bytes
     for name in ("linear_chunk", "linear_into"):

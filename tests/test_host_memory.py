@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import twins
-from twins import host_memory
+from twins import host_memory, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,21 +151,29 @@ def test_holding_the_heap_top_keeps_the_pages_of_the_last_step():
     assert count == 1
 
 
-def test_heap_top_is_held_by_pooled_mlp_backward_only(monkeypatch):
-    """Training steps hold the heap's top from the MLP backward; steps whose blocks are
-    checkpointed (which give memory back instead) and inference do not."""
+@pytest.mark.parametrize("onednn", [False, True], ids=["sgemm", "onednn"])
+def test_heap_top_is_held_by_pooled_steps_only(onednn, monkeypatch):
+    """Training steps hold the heap's top from the MLP backward, and after each fresh output of
+    oneDNN's fp32 matmuls (`kernels.ONEDNN_MATMULS`), which at inference are the only holds;
+    steps whose blocks are checkpointed (which give memory back instead) hold nothing."""
+    monkeypatch.setattr(kernels, "ONEDNN_MATMULS", onednn)
     calls = []
     monkeypatch.setattr(host_memory, "hold_heap_top", lambda: calls.append(1))
     model = twins.create_model("alt_gvt_micro", num_classes=5)
     x = torch.randn(2, 3, 64, 64)
     model(x).sum().backward()
-    assert len(calls) == sum(len(stage) for stage in model.blocks)  # once per block's MLP
+    blocks = sum(len(stage) for stage in model.blocks)
+    if onednn:  # per block: fc2 forward, the GELU output's and the input's gradients, and more
+        assert len(calls) > 3 * blocks
+    else:
+        assert len(calls) == blocks  # once per block's MLP
     calls.clear()
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
+    assert calls == []
     with torch.no_grad():
         model.eval()(x)
-    assert calls == []
+    assert len(calls) == (2 * blocks if onednn else 0)  # fc1 and fc2 of each block's MLP
 
 
 def test_no_heap_hold_while_retaining():

@@ -15,7 +15,8 @@ The two calls here move that balance either way, for a whole process:
 And one that leaves glibc's settings alone:
 
 - `hold_heap_top`: keep one small block at the top of glibc's main heap, so that the heap
-  cannot shrink below the training step's peak between steps (the training kernels call it).
+  cannot shrink below the training step's peak between steps (the training kernels call it,
+  and the fp32 matmuls that take oneDNN's fresh outputs, at inference too).
 """
 import ctypes
 import ctypes.util

@@ -43,7 +43,7 @@ PyTorch passes run otherwise.
 import contextlib
 import math
 import threading
-from typing import Dict, Iterator, Optional, Tuple
+from typing import ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +210,13 @@ def allocate_plainly() -> Iterator[None]:
         pool.enabled = before
 
 
+def pooling(reuse: bool) -> ContextManager:
+    """Within: pooling as a training kernel's forward recorded it (`reuse`), for its backward,
+    which runs outside `allocate_plainly`: there what it calls neither pools nor holds
+    glibc's heap (`_onednn_linear`)."""
+    return contextlib.nullcontext() if reuse else allocate_plainly()
+
+
 def reuse_enabled() -> bool:
     """Whether `reusable_empty` pools in this thread now (see `allocate_plainly`); training
     kernels record it in forward for their backward."""
@@ -300,6 +307,22 @@ def _onednn_down_projection(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.shape[1] > weight.shape[0] and _onednn_output(x, weight)
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x W^T (+ b) (+ residual) by oneDNN's matmul, bias and residual in its epilogue, into a
+    fresh output; then, where the pool is in use (not in checkpointed blocks, which give
+    memory back instead), glibc's heap is held at its top (`host_memory.hold_heap_top`), so
+    that later chunks and steps reuse the output's pages. Without that, glibc trimmed the heap
+    and every fp32 SVT-S inference step page-faulted 196 MiB in afresh and ran 1.10x slower."""
+    if residual is None:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    if reuse_enabled():
+        host_memory.hold_heap_top()
+    return out
+
+
 def linear_chunk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  buffer: torch.Tensor) -> torch.Tensor:
     """x W^T (+ b) for a 2-D chunk whose result the caller reads and lets go: oneDNN's fresh
@@ -308,7 +331,7 @@ def linear_chunk(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     backward for the gradient of the GELU output (fp32 training steps 1.01x and 1.02x); the
     q/k/v projections at inference gained nothing measurable and keep sgemm."""
     if _onednn_output(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
     return linear_into(x, weight, bias, buffer)
 
 
@@ -317,7 +340,7 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """out = x W^T (+ b) for 2-D x, written into the given buffer (no fresh allocation but,
     for fp32 down projections, oneDNN's chunk-sized output: `_onednn_down_projection`)."""
     if _onednn_down_projection(x, weight):
-        return out.copy_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+        return out.copy_(_onednn_linear(x, weight, bias))
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
@@ -344,8 +367,7 @@ def residual_linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     `residual + layer(x)` under autocast."""
     if rounding is None and out.dtype == weight.dtype == residual.dtype:
         if _onednn_down_projection(x, weight):  # fc2: bias and residual in oneDNN's epilogue
-            return out.copy_(torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight,
-                                                                       bias, "add"))
+            return out.copy_(_onednn_linear(x, weight, bias, residual))
         # out = residual + b, then the matmul accumulates into it: one pass over the chunk
         # besides the matmul, where the bias copy and a residual add took two (fp32 inference
         # 1-2% faster, SVT-S/L and PCPVT-S). Only the order of the sums differs.
@@ -412,7 +434,8 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = matmul_into(grad, weight, reusable_empty(x.shape, x, reuse=ctx.reuse))
+            with pooling(ctx.reuse):
+                grad_x = matmul_into(grad, weight, reusable_empty(x.shape, x, reuse=ctx.reuse))
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -558,21 +581,22 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
     # output and sums that into grad_b1, where PyTorch takes three.
     fused = native.ops() if recompute and rounding is None else None
     w2_t = w2.t().contiguous()  # (H, C_out): dy @ w2 as a linear, for `linear_chunk`
-    for s, e in chunks(M, CHUNK_ROWS):
-        dy = grad_out[s:e]
-        dh = linear_chunk(dy, w2_t, None, grad_h[:e - s])  # gradient of the GELU output
-        g = scratch("mlp.act", e - s, H, x) if recompute else act[s:e]
-        if fused is not None:
-            fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
-        else:
-            if recompute:
-                torch.ops.aten.gelu.out(pre[s:e], out=g)
-                _round_(g, rounding)
-            torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
-            grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
-        accumulate_mm(grad_w2, dy.t(), g)
-        accumulate_mm(grad_w1, dh.t(), x[s:e])
-        matmul_into(dh, w1, grad_x[s:e])
+    with pooling(reuse):  # checkpointed blocks: fresh outputs, no heap hold
+        for s, e in chunks(M, CHUNK_ROWS):
+            dy = grad_out[s:e]
+            dh = linear_chunk(dy, w2_t, None, grad_h[:e - s])  # gradient of the GELU output
+            g = scratch("mlp.act", e - s, H, x) if recompute else act[s:e]
+            if fused is not None:
+                fused.gelu_backward_(pre[s:e], dh, g, grad_b1)
+            else:
+                if recompute:
+                    torch.ops.aten.gelu.out(pre[s:e], out=g)
+                    _round_(g, rounding)
+                torch.ops.aten.gelu_backward.grad_input(dh, pre[s:e], grad_input=dh)
+                grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
+            accumulate_mm(grad_w2, dy.t(), g)
+            accumulate_mm(grad_w1, dh.t(), x[s:e])
+            matmul_into(dh, w1, grad_x[s:e])
     return (grad_x,) + tuple(g.to(w1.dtype) for g in (grad_w1, grad_b1, grad_w2, grad_b2))
 
 
