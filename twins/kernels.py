@@ -18,10 +18,10 @@ Three facts about CPUs drive them (measured with `benchmark.py --profile`):
 2. `F.linear` runs as `addmm`, which first copies the broadcast bias into a fresh output and
    then accumulates the product into it. oneDNN's linear (`mkldnn::_linear_pointwise`, the op
    torch.compile's CPU backend emits) adds the bias inside the matmul, and on the Zen 4 CPU
-   measured its fp32 matmul is faster than MKL's on down projections
-   (`_onednn_down_projection`). (oneDNN can fuse the exact-erf GELU too, but its erf epilogue
-   is slower than a separate in-place GELU pass, and in bf16 it rounds differently from
-   autocast.)
+   measured its fp32 matmul is faster than MKL's on the chunk shapes, on down projections
+   even with a copy of its fresh output into place (`_onednn_output`). (oneDNN can fuse the
+   exact-erf GELU too, but its erf epilogue is slower than a separate in-place GELU pass, and
+   in bf16 it rounds differently from autocast.)
 3. Low precision depends on the CPU. With bf16 instructions (AVX512-BF16, AMX) the chunked
    kernels compute in bf16 (`compute_dtype`): the same bf16 matmuls autocast would run, on
    chunk-sized operands, with parameter gradients summed in fp32; the flash-attention backward
@@ -293,7 +293,7 @@ def _onednn_output(x: torch.Tensor, weight: torch.Tensor) -> bool:
     `mm` run): in fp32 on the CPU, for an output below `ALWAYS_MAPPED_BYTES`, which oneDNN
     allocates and glibc then takes from its heap rather than from fresh pages. On SVT-S's and
     PCPVT-S's shapes, in chunks of 8,192 rows (Zen 4, where MKL does not run its AVX-512 code),
-    sgemm took 1.0-1.14x as long as oneDNN's matmul, and 1.07-1.31x as long on the down
+    sgemm took 0.99-1.14x as long as oneDNN's matmul, and 1.08-1.31x as long on the down
     projections even with oneDNN's fresh output copied into place afterwards. Not measured on
     an Intel CPU."""
     return (ONEDNN_MATMULS and x.dtype == weight.dtype == torch.float32
