@@ -295,7 +295,7 @@ def _onednn_output(x: torch.Tensor, weight: torch.Tensor) -> bool:
     PCPVT-S's shapes, in chunks of 8,192 rows (Zen 4, where MKL does not run its AVX-512 code),
     sgemm took 0.99-1.14x as long as oneDNN's matmul, and 1.08-1.31x as long on the down
     projections even with oneDNN's fresh output copied into place afterwards. Not measured on
-    an Intel CPU."""
+    an Intel CPU nor on an AVX2-only one."""
     return (ONEDNN_MATMULS and x.dtype == weight.dtype == torch.float32
             and x.device.type == "cpu" and _MKLDNN
             and x.shape[0] * weight.shape[0] * x.element_size() < ALWAYS_MAPPED_BYTES)
