@@ -520,11 +520,11 @@ def test_residual_linear_into(in_place, with_bias, dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
-def ops_run(fn):
-    """The names of the operators fn runs (profiled on the CPU)."""
+def profiled(fn):
+    """fn's result, and how often it ran each operator (profiled on the CPU)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {event.key for event in prof.key_averages()}
+        result = fn()
+    return result, {event.key: event.count for event in prof.key_averages()}
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "sgemm"])
@@ -551,20 +551,19 @@ def test_fp32_chunk_matmuls_run_onednn_where_it_applies(features, onednn, chunk_
              "matmul_into": x @ weight.t()}
     for name, call in calls.items():
         out.fill_(float("nan"))
-        got = []
         held.clear()
-        ran = ops_run(lambda: got.append(call()))
+        got, ran = profiled(call)
         expect_onednn = onednn and (k > n or name == "linear_chunk")
         # linear_into & co. write into out; linear_chunk returns oneDNN's own output instead
-        assert (got[0].data_ptr() == out.data_ptr()) != (name == "linear_chunk" and expect_onednn)
-        torch.testing.assert_close(got[0], wants[name], rtol=1e-6, atol=1e-5, msg=name)
+        assert (got.data_ptr() == out.data_ptr()) != (name == "linear_chunk" and expect_onednn)
+        torch.testing.assert_close(got, wants[name], rtol=1e-6, atol=1e-5, msg=name)
         assert ("mkldnn::_linear_pointwise" in ran) == expect_onednn, (name, ran)
         assert len(held) == (-(-13 // chunk_rows) if name == "matmul_into" else 1) * expect_onednn
-        assert (not ran & {"aten::mm", "aten::addmm", "aten::addmm_"}) == expect_onednn, (name, ran)
+        assert (not ran.keys() & {"aten::mm", "aten::addmm", "aten::addmm_"}) == expect_onednn, (name, ran)
     monkeypatch.setattr(kernels, "ALWAYS_MAPPED_BYTES", 13 * n * 4)  # this output's bytes
     for name in ("linear_chunk", "linear_into"):
         out.fill_(float("nan"))
-        assert "mkldnn::_linear_pointwise" not in ops_run(calls[name]), name
+        assert "mkldnn::_linear_pointwise" not in profiled(calls[name])[1], name
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-5)
 
 
@@ -578,15 +577,15 @@ def test_mlp_chunk_matmuls_run_onednn(mode, onednn, chunk_rows, monkeypatch):
     m = Mlp(4, 16)
     x = torch.randn(3, 13, 4, requires_grad=mode == "train")
     grad = torch.randn(3, 13, 4)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    def run():
         with torch.inference_mode(mode == "inference"):
-            got = kernels.mlp(x, m.fc1, m.fc2)
-            grads = torch.autograd.grad(got, (x, m.fc1.weight), grad) if mode == "train" else ()
+            out = kernels.mlp(x, m.fc1, m.fc2)
+            return out, torch.autograd.grad(out, (x, m.fc1.weight), grad) if mode == "train" else ()
+    (got, grads), calls = profiled(run)
     want = reference_mlp(m, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(grads, torch.autograd.grad(want, (x, m.fc1.weight), grad) if grads else ()):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    calls = {e.key: e.count for e in prof.key_averages()}
     chunks = -(-39 // min(chunk_rows, 39))
     per_chunk = {"inference": 2, "train": 3}[mode] if onednn else 0
     assert calls.get("mkldnn::_linear_pointwise", 0) == per_chunk * chunks, calls

@@ -348,8 +348,8 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = a @ b for 2-D a (M, K) and b (K, N): for a down projection (K > N) in fp32, by
-    `linear_into` in chunks of CHUNK_ROWS rows (the input gradients of fc1 and of the q/k/v
-    projections), else by one `mm`."""
+    `linear_into` in chunks of CHUNK_ROWS rows (the input gradients of the q/k/v projections),
+    else by one `mm`."""
     if not _onednn_down_projection(a[:CHUNK_ROWS], b.t()):
         return torch.mm(a, b, out=out)
     b_t = b.t().contiguous()
@@ -580,7 +580,8 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
     # There one native pass (if built) recomputes it, turns dh into the gradient of fc1's
     # output and sums that into grad_b1, where PyTorch takes three.
     fused = native.ops() if recompute and rounding is None else None
-    w2_t = w2.t().contiguous()  # (H, C_out): dy @ w2 as a linear, for `linear_chunk`
+    # dy @ w2 and dh @ w1 as linears (weights (H, C_out) and (C, H)), transposed once here
+    w2_t, w1_t = w2.t().contiguous(), w1.t().contiguous()
     with pooling(reuse):  # checkpointed blocks: fresh outputs, no heap hold
         for s, e in chunks(M, CHUNK_ROWS):
             dy = grad_out[s:e]
@@ -596,7 +597,7 @@ def mlp_train_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor
                 grad_b1 += dh.sum(0)  # reductions accumulate in fp32 whatever the dtype
             accumulate_mm(grad_w2, dy.t(), g)
             accumulate_mm(grad_w1, dh.t(), x[s:e])
-            matmul_into(dh, w1, grad_x[s:e])
+            linear_into(dh, w1_t, None, grad_x[s:e])
     return (grad_x,) + tuple(g.to(w1.dtype) for g in (grad_w1, grad_b1, grad_w2, grad_b2))
 
 
